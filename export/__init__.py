@@ -1,0 +1,1 @@
+"""Back ends and benchmarking (importable as `graphprune.export`)."""

@@ -1,0 +1,93 @@
+"""The `graphprune` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .analysis import AnalysisError
+from .api import Analysis, analyze
+from .families import FamilyMismatch
+from .trace import LoadError, TraceError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Structured pruning of hybrid LMs as graph rewrites.")
+stderr = Console(stderr=True)
+USER_ERRORS = (LoadError, TraceError, AnalysisError, FamilyMismatch)
+
+
+@app.callback()
+def main() -> None:
+    """graphprune: Minitron-SSM style structured pruning, driven by the traced graph."""
+
+
+@app.command()
+def inspect(
+    model: Annotated[str, typer.Argument(help="HF model folder, config.json, or hub id (online only).")],
+    meta: Annotated[bool, typer.Option("--meta", help="Build on the meta device: no weights, any size.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+    seq_len: Annotated[int | None, typer.Option(help="Tokens in the example input (default: the Mamba chunk size).")] = None,
+    slices: Annotated[bool, typer.Option("--slices", help="With --json, list each group's parameter slices.")] = False,
+    every_layer: Annotated[bool, typer.Option("--every-layer", help="One table row per group (default: identical layers merged).")] = False,
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow custom model code from the model folder.")] = False,
+) -> None:
+    """Trace MODEL and show its prunable groups and their constraints."""
+    try:
+        with stderr.status("starting") as status:
+            analysis = analyze(model, meta=meta, seq_len=seq_len, trust_remote_code=trust_remote_code,
+                               progress=lambda step: status.update(f"{step}..."))
+    except USER_ERRORS as err:
+        stderr.print(f"[red]error:[/red] {err}", highlight=False)
+        raise typer.Exit(2) from None
+    if as_json:
+        sys.stdout.write(json.dumps(analysis.to_dict(with_slices=slices)) + "\n")
+        return
+    _print_analysis(analysis, every_layer)
+
+
+def _print_analysis(analysis: Analysis, every_layer: bool) -> None:
+    console = Console() if Console().is_terminal else Console(width=160)
+    table = Table(title=f"{type(analysis.model).__name__}: prunable groups", title_justify="left")
+    for column in ("group", "kind", "layers", "size", "balanced over", "unit", "params", "fixed", "config key"):
+        table.add_column(column, justify="right" if column in ("size", "unit", "params", "balanced over") else "left",
+                         no_wrap=column in ("group", "kind", "params"))
+    for row in _table_rows(analysis, every_layer):
+        table.add_row(*row)
+    console.print(table)
+    kinds = Counter(layer.kind for layer in analysis.layers)
+    summary = ", ".join(f"{n} {kind}" for kind, n in kinds.items())
+    console.print(f"layers: {len(analysis.layers)} ({summary})" if analysis.layers else "layers: none found")
+    console.print(f"parameters: {analysis.params:,}   family: {analysis.family.name if analysis.family else 'generic'}")
+    timing = ", ".join(f"{k} {v:.1f}s" for k, v in analysis.timings.items())
+    console.print(f"time: {timing}")
+
+
+def _table_rows(analysis: Analysis, every_layer: bool) -> list[tuple[str, ...]]:
+    """One row per group, or (default) one row per set of identical groups in different layers."""
+    rows: dict[tuple, list[int | None]] = {}
+    for g in analysis.groups:
+        name = g.name if every_layer or g.layer is None else g.name.replace(f"layers.{g.layer}.", "layers.*.", 1)
+        fixed = ", ".join(f"{k}={v}" for k, v in g.fixed.items())
+        balanced = str(g.balanced_groups) if g.balanced_groups > 1 else ""
+        key = (name, g.kind, str(g.size), balanced, str(g.unit), f"{g.params:,}", fixed, g.config_key or "")
+        rows.setdefault(key, []).append(g.layer)
+    out = []
+    for (name, kind, *rest), layers in rows.items():
+        out.append((name, kind, _layer_list(layers), *rest))
+    return out
+
+
+def _layer_list(layers: list[int | None]) -> str:
+    if layers == [None]:
+        return "all"
+    shown = ",".join(str(i) for i in layers[:6])
+    return f"{shown},... ({len(layers)})" if len(layers) > 6 else shown
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,115 @@
+"""Model family adapters: names, config keys and a consistency check, on top of the analysis.
+
+An adapter never changes what the analysis derived. It says which config key each group kind
+maps to, what the layers are called, and checks that the derived structure matches what the
+family's config documents (a mismatch means the analysis or the adapter is wrong: fail loudly).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .groups import Structure
+
+
+class FamilyMismatch(Exception):
+    """The derived structure disagrees with the family's config."""
+
+
+@dataclass
+class FamilyAdapter:
+    name: str
+    model_types: tuple[str, ...]
+    config_keys: dict[str, str]
+    # group kind -> (config attribute the group size must equal, per-unit factor)
+    expected: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+
+    def layer_kinds(self, config: Any) -> list[str] | None:
+        return None
+
+    def check(self, structure: Structure, config: Any) -> None:
+        for group in structure.groups:
+            for attribute, key in self.expected.get(group.kind, []):
+                want = _config_value(config, key)
+                have = getattr(group, attribute) if attribute != "fixed.ssm_state" else group.fixed.get("ssm_state")
+                if want is not None and have != want:
+                    raise FamilyMismatch(
+                        f"{self.name}: group {group.name} has {attribute}={have} but config {key}={want}"
+                    )
+        n_layers = _config_value(config, "num_hidden_layers")
+        if n_layers is not None and structure.layers and len(structure.layers) != n_layers:
+            raise FamilyMismatch(f"{self.name}: found {len(structure.layers)} layers, config says {n_layers}")
+
+
+def _config_value(config: Any, key: str) -> Any:
+    return getattr(config, key, None)
+
+
+class NemotronHAdapter(FamilyAdapter):
+    KIND_OF_BLOCK = {"mamba": "mamba", "linear_attention": "mamba", "M": "mamba", "attention": "attention",
+                     "full_attention": "attention", "*": "attention", "mlp": "mlp", "-": "mlp", "moe": "moe", "E": "moe"}
+
+    def layer_kinds(self, config: Any) -> list[str]:
+        return [self.KIND_OF_BLOCK[block] for block in config.layers_block_type]
+
+
+class Mamba2Adapter(FamilyAdapter):
+    def layer_kinds(self, config: Any) -> list[str]:
+        return ["mamba"] * config.num_hidden_layers
+
+
+class LlamaAdapter(FamilyAdapter):
+    def layer_kinds(self, config: Any) -> list[str]:
+        return ["attention+mlp"] * config.num_hidden_layers
+
+
+ADAPTERS: list[FamilyAdapter] = [
+    NemotronHAdapter(
+        name="nemotron_h",
+        model_types=("nemotron_h",),
+        config_keys={"hidden": "hidden_size", "ffn": "intermediate_size", "mamba_heads": "mamba_num_heads",
+                     "mamba_head_dim": "mamba_head_dim", "attention_heads": "num_attention_heads",
+                     "attention_head_dim": "head_dim", "layer": "num_hidden_layers"},
+        expected={"hidden": [("size", "hidden_size")], "ffn": [("size", "intermediate_size")],
+                  "mamba_heads": [("size", "mamba_num_heads"), ("balanced_groups", "n_groups"),
+                                  ("unit", "mamba_head_dim"), ("fixed.ssm_state", "ssm_state_size")],
+                  "mamba_head_dim": [("size", "mamba_head_dim")],
+                  "attention_heads": [("size", "num_attention_heads"), ("balanced_groups", "num_key_value_heads"),
+                                      ("unit", "head_dim")],
+                  "attention_head_dim": [("size", "head_dim")]},
+    ),
+    Mamba2Adapter(
+        name="mamba2",
+        model_types=("mamba2",),
+        config_keys={"hidden": "hidden_size", "mamba_heads": "num_heads", "mamba_head_dim": "head_dim",
+                     "layer": "num_hidden_layers"},
+        expected={"hidden": [("size", "hidden_size")],
+                  "mamba_heads": [("size", "num_heads"), ("unit", "head_dim"), ("fixed.ssm_state", "state_size")],
+                  "mamba_head_dim": [("size", "head_dim")]},
+    ),
+    LlamaAdapter(
+        name="llama",
+        model_types=("llama", "qwen2", "mistral"),
+        config_keys={"hidden": "hidden_size", "ffn": "intermediate_size", "attention_heads": "num_attention_heads",
+                     "attention_head_dim": "head_dim", "layer": "num_hidden_layers"},
+        expected={"hidden": [("size", "hidden_size")], "ffn": [("size", "intermediate_size")],
+                  "attention_heads": [("size", "num_attention_heads"), ("balanced_groups", "num_key_value_heads")]},
+    ),
+]
+
+
+def adapter_for(model: Any) -> FamilyAdapter | None:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return next((a for a in ADAPTERS if model_type in a.model_types), None)
+
+
+def apply_adapter(structure: Structure, model: Any) -> FamilyAdapter | None:
+    """Check the structure against the family's config and fill in config keys."""
+    adapter = adapter_for(model)
+    if adapter is None:
+        return None
+    adapter.check(structure, model.config)
+    for group in structure.groups:
+        group.config_key = adapter.config_keys.get(group.kind)
+    return adapter

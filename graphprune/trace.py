@@ -1,0 +1,148 @@
+"""Front end: load a model from wherever it lives and trace it into an aten graph."""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class LoadError(Exception):
+    """The model source could not be found or read."""
+
+
+class TraceError(Exception):
+    """torch.export could not trace the model."""
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def load_model(
+    source: str | Path | nn.Module,
+    *,
+    meta: bool = False,
+    dtype: torch.dtype | None = None,
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """A model from a module, a local HF directory, a config.json (meta) or a hub id (online users).
+
+    A directory without weights and a bare config file are built on the meta device: shapes and
+    parameter counts, no memory.
+    """
+    if isinstance(source, nn.Module):
+        return source
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(source)
+    if path.is_file() and path.suffix == ".json":
+        return _from_config(_read_config(path, trust_remote_code), dtype)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise LoadError(f"{path} is a directory without a config.json: not a Hugging Face model folder")
+        has_weights = any((path / name).is_file() for name in WEIGHT_FILES)
+        if meta or not has_weights:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+            return _from_config(config, dtype)
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype or torch.float32, device_map=device, trust_remote_code=trust_remote_code,
+            use_safetensors=not (path / "pytorch_model.bin").is_file() or None,
+        ).eval()
+    if path.exists() or str(source).startswith((".", "/")) or str(source).endswith(".json"):
+        raise LoadError(f"model source {source!r} is neither a Hugging Face model folder nor a config .json file")
+    return _from_hub(str(source), meta=meta, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+
+
+def _from_hub(hub_id: str, *, meta: bool, dtype: torch.dtype | None, device: str, trust_remote_code: bool) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        if meta:
+            return _from_config(AutoConfig.from_pretrained(hub_id, trust_remote_code=trust_remote_code), dtype)
+        return AutoModelForCausalLM.from_pretrained(
+            hub_id, dtype=dtype or torch.float32, device_map=device, trust_remote_code=trust_remote_code
+        ).eval()
+    except OSError as err:
+        raise LoadError(
+            f"{hub_id!r} is not a local path, and loading it as a Hugging Face hub id failed "
+            f"(offline, or no such model): {str(err).splitlines()[0]}"
+        ) from err
+
+
+def _read_config(path: Path, trust_remote_code: bool) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise LoadError(f"{path}: not valid JSON ({err})") from err
+    model_type = data.pop("model_type", None)
+    if model_type is None:
+        raise LoadError(f"{path}: a config needs a 'model_type' (e.g. 'nemotron_h', 'llama', 'mamba2')")
+    try:
+        return AutoConfig.for_model(model_type, **data)
+    except ValueError as err:
+        raise LoadError(f"{path}: {err}") from err
+
+
+def _from_config(config: Any, dtype: torch.dtype | None) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+    return model.eval()
+
+
+def default_seq_len(model: nn.Module) -> int:
+    """A Mamba chunk (so the chunked scan is traced whole), else a short sequence."""
+    config = getattr(model, "config", None)
+    return int(getattr(config, "chunk_size", None) or 16)
+
+
+def example_inputs(model: nn.Module, seq_len: int | None = None) -> tuple[tuple, dict[str, Any]]:
+    """Token ids for a causal LM; `use_cache=False` for Hugging Face models."""
+    seq_len = seq_len or default_seq_len(model)
+    device = next(iter(model.parameters())).device
+    embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    if embedding is None:
+        raise TraceError(
+            f"{type(model).__name__} has no nn.Embedding to make token ids for: pass example_inputs=(args, kwargs)"
+        )
+    ids = torch.zeros(1, seq_len, dtype=torch.long, device=device)
+    if device.type != "meta":
+        ids = torch.randint(0, embedding.num_embeddings, (1, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
+    if hasattr(model, "config") and hasattr(model, "generation_config"):
+        return (), {"input_ids": ids, "use_cache": False}
+    return (ids,), {}
+
+
+def trace(
+    model: nn.Module, *, seq_len: int | None = None, example: tuple[tuple, dict[str, Any]] | None = None
+) -> torch.export.ExportedProgram:
+    """torch.export (non-strict) on an example input; a failure names the module that broke."""
+    args, kwargs = example if example is not None else example_inputs(model, seq_len)
+    try:
+        with torch.no_grad():
+            return torch.export.export(model, args, kwargs, strict=False)
+    except Exception as err:  # torch.export raises many types; all become one clear message
+        where = _failing_module(model, sys.exc_info()[2])
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TraceError(f"torch.export could not trace {type(model).__name__}: {where}: {reason}") from err
+
+
+def _failing_module(model: nn.Module, tb: Any) -> str:
+    """The innermost module of `model` whose forward was running when tracing failed."""
+    names = {id(m): name for name, m in model.named_modules()}
+    found = "in the top-level forward"
+    for frame, _ in traceback.walk_tb(tb):
+        owner = frame.f_locals.get("self")
+        if id(owner) in names and not frame.f_code.co_filename.endswith("torch/nn/modules/module.py"):
+            name = names[id(owner)] or "<root>"
+            found = f"in module '{name}' ({type(owner).__name__}.{frame.f_code.co_name}, line {frame.f_lineno})"
+    return found

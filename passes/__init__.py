@@ -1,0 +1,1 @@
+"""Built-in rewrite passes (importable as `graphprune.passes`), one file per pass."""
