@@ -9,6 +9,7 @@ parameter dimension which finest atoms it is made of; `groups.py` turns that int
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -312,3 +313,68 @@ def _reshape_groups(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> li
                 out_dims.append(j)
                 j += 1
         groups.append((in_dims, out_dims))
+
+
+@dataclass(frozen=True)
+class ConvSource:
+    """A depthwise conv whose input channels are rows [offset, ...) of a linear layer's output."""
+
+    conv_weight: str
+    linear_weight: str
+    offset: int
+
+
+_PASS_THROUGH = {"aten.to", "aten._to_copy", "aten.contiguous", "aten.clone", "aten.alias", "aten.detach"}
+
+
+def conv_sources(exported: ExportedProgram) -> list[ConvSource]:
+    """Follow each depthwise conv's input back through splits, slices and transposes to a linear.
+
+    This is how the `x` slice of a Mamba2 in_proj is found: the rows that feed the conv.
+    """
+    params = {spec.arg.name: spec.target for spec in exported.graph_signature.input_specs
+              if spec.kind == InputKind.PARAMETER}
+    # node -> (linear weight, channel dim, offset) for tensors that are re-indexed linear outputs
+    source: dict[Node, Any] = {}
+    found = []
+    for node in exported.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = str(getattr(node.target, "overloadpacket", node.target))
+        args = node.args
+        parent = source.get(args[0]) if args and isinstance(args[0], Node) else None
+        if name == "aten.linear" and isinstance(args[1], Node) and args[1].name in params:
+            source[node] = (params[args[1].name], len(_shape(node)) - 1, 0)
+        elif parent is None:
+            continue
+        elif name in _PASS_THROUGH:
+            source[node] = parent
+        elif name in ("aten.transpose", "aten.permute"):
+            ndim = len(_shape(node))
+            order = list(range(ndim))
+            if name == "aten.transpose":
+                d0, d1 = (a % ndim for a in args[1:3])
+                order[d0], order[d1] = order[d1], order[d0]
+            else:
+                order = [a % ndim for a in args[1]]
+            source[node] = (parent[0], order.index(parent[1]), parent[2])
+        elif name in ("aten.split_with_sizes", "aten.split"):
+            ndim = len(_shape(args[0]))
+            if (args[2] if len(args) > 2 else 0) % ndim == parent[1]:
+                starts = [0]
+                for piece in node.meta["val"][:-1]:
+                    starts.append(starts[-1] + piece.shape[parent[1]])
+                source[node] = [(parent[0], parent[1], parent[2] + s) for s in starts]
+        elif node.target is operator.getitem and isinstance(parent, list):
+            source[node] = parent[args[1]]
+        elif name == "aten.slice":
+            dim = args[1] % len(_shape(args[0]))
+            start = args[2] if len(args) > 2 and args[2] is not None else 0
+            source[node] = (parent[0], parent[1], parent[2] + (start if dim == parent[1] else 0))
+        elif name in ("aten.conv1d", "aten.convolution") and parent[1] == 1 and isinstance(args[1], Node):
+            weight = args[1]
+            while weight.name not in params and weight.args and isinstance(weight.args[0], Node):
+                weight = weight.args[0]  # conv weight passed through squeeze/unsqueeze
+            if weight.name in params:
+                found.append(ConvSource(params[weight.name], parent[0], parent[2]))
+    return found

@@ -9,16 +9,27 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .analysis import AnalysisError
 from .api import Analysis, analyze
+from .data import DataError
 from .families import FamilyMismatch
+from .pipeline import PipelineError
+from .planning import PlanError
+from .spec import SpecError, json_schema, load_spec
 from .trace import LoadError, TraceError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Structured pruning of hybrid LMs as graph rewrites.")
 stderr = Console(stderr=True)
-USER_ERRORS = (LoadError, TraceError, AnalysisError, FamilyMismatch)
+USER_ERRORS = (LoadError, TraceError, AnalysisError, FamilyMismatch, SpecError, DataError, PlanError, PipelineError)
+
+
+def _fail(err: Exception) -> typer.Exit:
+    """Print a user error (no traceback) and exit 2."""
+    stderr.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)
+    return typer.Exit(2)
 
 
 @app.callback()
@@ -42,12 +53,59 @@ def inspect(
             analysis = analyze(model, meta=meta, seq_len=seq_len, trust_remote_code=trust_remote_code,
                                progress=lambda step: status.update(f"{step}..."))
     except USER_ERRORS as err:
-        stderr.print(f"[red]error:[/red] {err}", highlight=False)
-        raise typer.Exit(2) from None
+        raise _fail(err) from None
     if as_json:
         sys.stdout.write(json.dumps(analysis.to_dict(with_slices=slices)) + "\n")
         return
     _print_analysis(analysis, every_layer)
+
+
+@app.command()
+def apply(
+    spec_path: Annotated[str, typer.Argument(metavar="SPEC", help="The pruning spec (JSON).")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and plan only, on meta: no weights, no data.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (the report) on stdout.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
+) -> None:
+    """Prune a model as SPEC says: calibrate, score, plan, slice, write, verify."""
+    from .apply import apply as run_apply
+
+    try:
+        spec = load_spec(spec_path)
+        report = run_apply(spec, dry_run=dry_run, force=force, console=stderr)
+    except USER_ERRORS as err:
+        raise _fail(err) from None
+    if as_json:
+        sys.stdout.write(json.dumps(report, default=str) + "\n")
+        return
+    _print_report(report)
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of pruning specs (kept in specs/schema.json)."""
+    sys.stdout.write(json.dumps(json_schema(), indent=2) + "\n")
+
+
+def _print_report(report: dict) -> None:
+    console = Console() if Console().is_terminal else Console(width=160)
+    table = Table(title="dry run: planned configuration" if report["dry_run"] else "pruned", title_justify="left")
+    for column in ("", "original", "pruned"):
+        table.add_column(column, justify="left" if not column else "right")
+    before, after = report["original"], report["pruned"]
+    for key in before["config"]:
+        table.add_row(key, str(before["config"][key]), str(after["config"].get(key, "")))
+    ratio = after["params"] / before["params"]
+    table.add_row("parameters", f"{before['params']:,}", f"{after['params']:,} ({ratio:.1%})")
+    console.print(table)
+    if report.get("dropped_layers"):
+        console.print(f"dropped layers: {report['dropped_layers']}")
+    if report.get("note"):
+        console.print(report["note"])
+    timing = ", ".join(f"{k} {v:.1f}s" for k, v in report["seconds_per_pass"].items())
+    console.print(f"time: {timing}")
+    if report.get("output"):
+        console.print(f"written: {report['output']} (model, tokenizer, report.json)")
 
 
 def _print_analysis(analysis: Analysis, every_layer: bool) -> None:

@@ -7,6 +7,7 @@ family's config documents (a mismatch means the analysis or the adapter is wrong
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,21 @@ class FamilyAdapter:
 
     def layer_kinds(self, config: Any) -> list[str] | None:
         return None
+
+    def pruned_config(self, config: Any, values: dict[str, int], kept_layers: list[int]) -> Any:
+        """The family config of the pruned model: new sizes, and only the kept layers."""
+        new = copy.deepcopy(config)
+        for key, value in values.items():
+            setattr(new, key, value)
+        self.keep_layers(new, config, kept_layers)
+        return new
+
+    def keep_layers(self, new: Any, old: Any, kept_layers: list[int]) -> None:
+        new.num_hidden_layers = len(kept_layers)
+
+    def export_extras(self, config: Any) -> dict[str, Any]:
+        """Keys other runtimes read that transformers does not write (see FORMATS.md)."""
+        return {}
 
     def check(self, structure: Structure, config: Any) -> None:
         for group in structure.groups:
@@ -53,15 +69,40 @@ class NemotronHAdapter(FamilyAdapter):
     def layer_kinds(self, config: Any) -> list[str]:
         return [self.KIND_OF_BLOCK[block] for block in config.layers_block_type]
 
+    def keep_layers(self, new: Any, old: Any, kept_layers: list[int]) -> None:
+        new.layers_block_type = [old.layers_block_type[i] for i in kept_layers]
+
+    def export_extras(self, config: Any) -> dict[str, Any]:
+        # TensorRT-LLM and vLLM read the legacy pattern, both head_dim names and both epsilon names
+        return {"hybrid_override_pattern": config.hybrid_override_pattern,
+                "num_hidden_layers": len(config.layers_block_type),
+                "attention_head_dim": config.head_dim, "rms_norm_eps": config.layer_norm_epsilon}
+
 
 class Mamba2Adapter(FamilyAdapter):
     def layer_kinds(self, config: Any) -> list[str]:
         return ["mamba"] * config.num_hidden_layers
 
+    def pruned_config(self, config: Any, values: dict[str, int], kept_layers: list[int]) -> Any:
+        new = super().pruned_config(config, values, kept_layers)
+        inner = new.num_heads * new.head_dim
+        if inner % new.hidden_size:  # Mamba2 derives its SSM width as int(expand * hidden_size)
+            raise FamilyMismatch(
+                f"mamba2: num_heads*head_dim ({inner}) must be a multiple of hidden_size ({new.hidden_size}), "
+                "because Mamba2ForCausalLM computes its SSM width as expand * hidden_size; choose a hidden_size "
+                f"that divides {inner}")
+        new.expand = inner // new.hidden_size
+        return new
+
 
 class LlamaAdapter(FamilyAdapter):
     def layer_kinds(self, config: Any) -> list[str]:
         return ["attention+mlp"] * config.num_hidden_layers
+
+    def keep_layers(self, new: Any, old: Any, kept_layers: list[int]) -> None:
+        new.num_hidden_layers = len(kept_layers)
+        if getattr(old, "layer_types", None):
+            new.layer_types = [old.layer_types[i] for i in kept_layers]
 
 
 ADAPTERS: list[FamilyAdapter] = [

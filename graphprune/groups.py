@@ -98,6 +98,8 @@ class Structure:
     groups: list[Group]
     layers: list[Layer]
     fixed_parts: dict[int, str]
+    # every channel dimension of every parameter/buffer, as its segments in order
+    param_slices: dict[str, dict[int, list[ParamSlice]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -130,8 +132,9 @@ def build_structure(axis_graph: AxisGraph, model: nn.Module, layer_kinds: list[s
     roles = _collect_roles(axis_graph, layer_of)
     fixed = _fixed_atoms(roles)
     heads = {a for a, t in roles.tags.items() if "act_batch" in t and a not in fixed}
-    groups = _group_atoms(roles, fixed, heads)
-    structure = Structure(groups=groups, layers=[], fixed_parts=fixed)
+    groups, names = _group_atoms(roles, fixed, heads)
+    structure = Structure(groups=groups, layers=[], fixed_parts=fixed,
+                          param_slices=_all_slices(axis_graph, roles, names, fixed))
     structure.layers = _layers(model, container, groups, layer_kinds)
     if structure.layers:
         structure.groups.append(Group(
@@ -229,8 +232,9 @@ def _group_atoms(roles: _Roles, fixed: dict[int, str], heads: set[int]) -> list[
         for atom in sorted(component):
             if atom not in fixed:
                 groups.append(_make_group(atom, kinds[atom], roles, fixed))
-    _name_groups(groups, roles, fixed)
-    return sorted(groups, key=lambda g: (g.layer if g.layer is not None else -1, KINDS.index(g.kind), g.name))
+    names = _name_groups(groups, roles, fixed)
+    ordered = sorted(groups, key=lambda g: (g.layer if g.layer is not None else -1, KINDS.index(g.kind), g.name))
+    return ordered, names
 
 
 def _make_group(atom: int, kind: str, roles: _Roles, fixed: dict[int, str]) -> Group:
@@ -268,7 +272,7 @@ SUFFIX = {"hidden": "hidden", "ffn": "ffn", "mamba_heads": "mamba.heads", "mamba
           "attention_heads": "attention.heads", "other": "channels"}
 
 
-def _name_groups(groups: list[Group], roles: _Roles, fixed: dict[int, str]) -> None:
+def _name_groups(groups: list[Group], roles: _Roles, fixed: dict[int, str]) -> dict[int, str]:
     names_of_atom: dict[int, str] = {}
     taken: dict[str, int] = {}
     for group in groups:
@@ -289,22 +293,41 @@ def _name_groups(groups: list[Group], roles: _Roles, fixed: dict[int, str]) -> N
     for group in groups:
         group.slices = _owned_slices(roles, group.atoms[0], names_of_atom, fixed)
         group.params = _owned_params(group.slices, roles)
+    return names_of_atom
+
+
+def _layout(store: AxisStore, segment: Segment, names: dict[int, str], fixed: dict[int, str]) -> tuple:
+    out = []
+    for f in segment:
+        if isinstance(f, Concat):
+            out.append(LayoutConcat(tuple(_layout(store, seg, names, fixed) for seg in store.normalize(f.parts))))
+        else:
+            root = store.find(f)
+            out.append(LayoutFactor(names.get(root, f"atom{root}"), store.sizes[root], root in fixed))
+    return tuple(out)
 
 
 def _owned_slices(roles: _Roles, atom: int, names: dict[int, str], fixed: dict[int, str]) -> list[ParamSlice]:
-    store = roles.store
+    return [ParamSlice(p.param, p.dim, p.start, p.stop, _layout(roles.store, seg, names, fixed), p.buffer)
+            for p, seg in roles.slices[atom]]
 
-    def layout(segment: Segment) -> tuple:
-        out = []
-        for f in segment:
-            if isinstance(f, Concat):
-                out.append(LayoutConcat(tuple(layout(seg) for seg in store.normalize(f.parts))))
-            else:
-                root = store.find(f)
-                out.append(LayoutFactor(names.get(root, f"atom{root}"), store.sizes[root], root in fixed))
-        return tuple(out)
 
-    return [ParamSlice(p.param, p.dim, p.start, p.stop, layout(seg), p.buffer) for p, seg in roles.slices[atom]]
+def _all_slices(axis_graph: AxisGraph, roles: _Roles, names: dict[int, str],
+                fixed: dict[int, str]) -> dict[str, dict[int, list[ParamSlice]]]:
+    store = axis_graph.store
+    out: dict[str, dict[int, list[ParamSlice]]] = {}
+    for param, axes in axis_graph.param_axes.items():
+        for dim, expr in enumerate(axes):
+            if expr is None:
+                continue
+            start, pieces = 0, []
+            for segment in store.normalize(expr):
+                stop = start + store.segment_size(segment)
+                pieces.append(ParamSlice(param, dim, start, stop, _layout(store, segment, names, fixed),
+                                         param in axis_graph.buffer_names))
+                start = stop
+            out.setdefault(param, {})[dim] = pieces
+    return out
 
 
 def _owned_params(slices: list[ParamSlice], roles: _Roles) -> int:

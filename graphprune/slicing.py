@@ -56,16 +56,47 @@ def _factor_indices(
     groups = sizes[factor.name] // factor.size
     if groups == 1:
         return list(chosen)
-    if outer_positions % groups:
-        raise ValueError(f"{factor.name}: balanced over {groups} groups, but {outer_positions} positions precede it")
+    if outer_positions % groups or len(chosen) % groups:
+        raise ValueError(f"{factor.name}: {len(chosen)} units balanced over {groups} groups, "
+                         f"with {outer_positions} positions before it")
+    # Position decides the group: the k-th block of len(chosen)/groups units fills group k. A unit
+    # taken from another group (the naive, group-unaware baseline) keeps its own channels there.
     group = outer // (outer_positions // groups)
-    return [i - group * factor.size for i in chosen if i // factor.size == group]
+    per_group = len(chosen) // groups
+    return [i - group * factor.size for i in chosen[group * per_group:(group + 1) * per_group]]
 
 
 def _layout_size(factor: LayoutFactor | LayoutConcat) -> int:
     if isinstance(factor, LayoutConcat):
         return sum(math.prod(_layout_size(f) for f in part) for part in factor.parts)
     return factor.size
+
+
+def unit_labels(piece: ParamSlice, name: str, group_size: int) -> torch.Tensor:
+    """For each index of the slice, in order, the unit of group `name` it belongs to (-1: none)."""
+    return torch.tensor(_labels(piece.layout, name, group_size), dtype=torch.long)
+
+
+def _labels(layout: Sequence[LayoutFactor | LayoutConcat], name: str, group_size: int) -> list[int]:
+    combos: list[tuple[int, int, int]] = [(0, 1, -1)]  # (flat index so far, positions so far, label)
+    for factor in layout:
+        size = _layout_size(factor)
+        out = []
+        for flat, positions, label in combos:
+            for i, inner_label in enumerate(_factor_labels(factor, name, group_size, flat, positions)):
+                out.append((flat * size + i, positions * size, inner_label if inner_label >= 0 else label))
+        combos = out
+    return [label for _, _, label in combos]
+
+
+def _factor_labels(factor: LayoutFactor | LayoutConcat, name: str, group_size: int, outer: int, positions: int) -> list[int]:
+    if isinstance(factor, LayoutConcat):
+        return [label for part in factor.parts for label in _labels(part, name, group_size)]
+    if factor.name != name:
+        return [-1] * factor.size
+    groups = group_size // factor.size
+    group = outer // (positions // groups) if groups > 1 else 0
+    return [group * factor.size + i for i in range(factor.size)]
 
 
 @torch.no_grad()

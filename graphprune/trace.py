@@ -51,9 +51,9 @@ def load_model(
             config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
             return _from_config(config, dtype)
         return AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype or torch.float32, device_map=device, trust_remote_code=trust_remote_code,
+            path, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code,
             use_safetensors=not (path / "pytorch_model.bin").is_file() or None,
-        ).eval()
+        ).to(device).eval()
     if path.exists() or str(source).startswith((".", "/")) or str(source).endswith(".json"):
         raise LoadError(f"model source {source!r} is neither a Hugging Face model folder nor a config .json file")
     return _from_hub(str(source), meta=meta, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
@@ -66,8 +66,8 @@ def _from_hub(hub_id: str, *, meta: bool, dtype: torch.dtype | None, device: str
         if meta:
             return _from_config(AutoConfig.from_pretrained(hub_id, trust_remote_code=trust_remote_code), dtype)
         return AutoModelForCausalLM.from_pretrained(
-            hub_id, dtype=dtype or torch.float32, device_map=device, trust_remote_code=trust_remote_code
-        ).eval()
+            hub_id, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code
+        ).to(device).eval()
     except OSError as err:
         raise LoadError(
             f"{hub_id!r} is not a local path, and loading it as a Hugging Face hub id failed "

@@ -1,1 +1,6 @@
-"""Built-in rewrite passes (importable as `graphprune.passes`), one file per pass."""
+"""Built-in rewrite passes (importable as `graphprune.passes`), one file per pass.
+
+Importing this package registers them all; the default pipeline runs them in this order.
+"""
+
+from . import calibrate, drop_layers, materialize, plan, prune, score_depth, verify  # noqa: F401

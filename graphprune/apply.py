@@ -1,0 +1,118 @@
+"""`graphprune apply`: validate everything, then run the pipeline into an atomic output folder."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .api import Analysis, analyze
+from .data import check_data, check_vocabulary, load_tokenizer
+from .families import FamilyMismatch
+from .pipeline import AtomicOutput, PassContext, PipelineError, load_passes, pipeline_of, run_pipeline, write_json
+from .planning import PlanError, count_params, plan_sizes, config_values
+from .spec import Spec
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def apply(spec: Spec, *, dry_run: bool = False, force: bool = False, console=None) -> dict[str, Any]:
+    """Prune per the spec; returns the report (also written to <output>/report.json)."""
+    load_passes(spec.plugins)
+    meta = dry_run or spec.model.device == "meta"
+    if not meta and spec.output is None:
+        raise PipelineError("output: a full run needs an output directory (or use --dry-run to plan only)")
+    analysis = analyze(spec.model.path, meta=meta, trust_remote_code=spec.model.trust_remote_code)
+    _to_runtime(analysis, spec)
+    ctx = PassContext(spec=spec, analysis=analysis, dry_run=meta)
+    if console is not None:
+        ctx.console = console
+    preflight(ctx)
+    started = time.perf_counter()
+    if meta:
+        run_pipeline(ctx, pipeline_of(spec, dry_run=True))
+        return _report(ctx, started)
+    with AtomicOutput(Path(spec.output), force) as workdir:
+        ctx.workdir = workdir
+        run_pipeline(ctx, pipeline_of(spec, dry_run=False))
+        report = _report(ctx, started)
+        write_json(workdir / "report.json", report)
+    return report
+
+
+def _to_runtime(analysis: Analysis, spec: Spec) -> None:
+    model = analysis.model
+    if next(model.parameters()).device.type == "meta":
+        return
+    model.to(device=spec.model.device, dtype=DTYPES[spec.model.dtype])
+
+
+def preflight(ctx: PassContext) -> None:
+    """Every check that needs no forward pass, before anything runs: targets, family, data, tokenizer."""
+    spec, analysis = ctx.spec, ctx.analysis
+    plan = plan_sizes(analysis, spec.targets)
+    if analysis.family is not None:
+        kept_layers = list(range(plan.sizes.get("layers", len(analysis.layers))))
+        analysis.family.pruned_config(analysis.model.config, config_values(analysis, plan.sizes), kept_layers)
+    if ctx.dry_run:
+        return
+    if _needs_calibration(spec) and spec.calibration is None:
+        raise PipelineError("calibration: activation and KL/cosine scores need calibration data; add a "
+                            "'calibration' section or set importance methods to 'magnitude'/'random'")
+    if spec.calibration is not None:
+        check_data(spec.calibration.data, "calibration.data")
+        tokenizer = load_tokenizer(spec.calibration.tokenizer or spec.model.path, spec.model.trust_remote_code)
+        vocab = analysis.model.get_input_embeddings().num_embeddings if hasattr(analysis.model, "get_input_embeddings") \
+            else next(m for m in analysis.model.modules() if isinstance(m, torch.nn.Embedding)).num_embeddings
+        check_vocabulary(tokenizer, vocab, "calibration.tokenizer")
+
+
+def _needs_calibration(spec: Spec) -> bool:
+    importance = spec.importance
+    activation = "activation" in (importance.hidden, importance.ffn, importance.mamba, importance.attention)
+    depth = spec.targets.num_layers is not None and importance.depth != "random"
+    return activation or depth
+
+
+def config_summary(analysis: Analysis, config: Any | None, sizes: dict[str, int]) -> dict[str, Any]:
+    """The family's config keys, or (generic models) the size of every group."""
+    if analysis.family is None or config is None:
+        return {name: size for name, size in sizes.items()}
+    keys = sorted({g.config_key for g in analysis.groups if g.config_key} | {"num_key_value_heads", "num_hidden_layers"})
+    return {k: getattr(config, k) for k in keys if hasattr(config, k)}
+
+
+def _report(ctx: PassContext, started: float) -> dict[str, Any]:
+    analysis, plan = ctx.analysis, ctx.plan
+    original_sizes = {g.name: g.size for g in analysis.groups}
+    pruned_config = None
+    if analysis.family is not None and plan is not None:
+        kept = [i for i in range(len(analysis.layers)) if i not in set(plan.dropped_layers)]
+        kept = kept[: plan.sizes.get("layers", len(kept))]
+        pruned_config = analysis.family.pruned_config(analysis.model.config, config_values(analysis, plan.sizes), kept)
+    dropped = plan.dropped_layers if plan else []
+    note = None
+    if ctx.dry_run and plan is not None and plan.sizes.get("layers", len(analysis.layers)) < len(analysis.layers):
+        dropped = list(range(plan.sizes["layers"], len(analysis.layers)))
+        note = ("dry run: which layers to drop is decided by score_depth on data; parameters are counted "
+                "as if the last layers were dropped")
+    return {
+        "spec": ctx.spec.model_dump(),
+        "dry_run": ctx.dry_run,
+        "original": {"params": analysis.params,
+                     "config": config_summary(analysis, getattr(analysis.model, "config", None), original_sizes)},
+        "pruned": {"params": count_params(analysis, plan.sizes, dropped) if plan else analysis.params,
+                   "config": config_summary(analysis, pruned_config, plan.sizes if plan else original_sizes)},
+        "groups": ctx.report.get("groups", {}),
+        "dropped_layers": dropped,
+        "passes": ctx.report.get("passes", []),
+        "seconds_per_pass": {"analyze": round(sum(analysis.timings.values()), 3), **ctx.report.get("seconds_per_pass", {})},
+        "seconds_total": round(time.perf_counter() - started + sum(analysis.timings.values()), 3),
+        "output": ctx.spec.output if not ctx.dry_run else None,
+        **({"note": note} if note else {}),
+    }
+
+
+USER_ERRORS = (PlanError, PipelineError, FamilyMismatch)

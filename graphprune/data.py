@@ -1,0 +1,122 @@
+"""Calibration (and training) text: local files or hub datasets, tokenized and packed."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .spec import CalibrationSpec, DataSpec
+
+
+class DataError(Exception):
+    """The data cannot be read or is too small for what the spec asks."""
+
+
+def check_data(data: DataSpec, where: str) -> None:
+    """Fail early (before any weights change) when a local data file is missing."""
+    if data.path is not None and not Path(data.path).is_file():
+        raise DataError(f"{where}.path: {data.path} does not exist")
+
+
+def load_texts(data: DataSpec) -> list[str]:
+    if data.dataset is not None:
+        return _hub_texts(data)
+    path = Path(data.path)
+    name = path.name.lower()
+    if name.endswith((".txt", ".txt.gz", ".md")):
+        text = _read_text(path)
+        docs = [block.strip() for block in text.split("\n\n")]
+        return [d for d in docs if d]
+    if name.endswith((".jsonl", ".jsonl.gz", ".json")):
+        return _json_texts(path, data.text_field)
+    if name.endswith(".parquet"):
+        return _parquet_texts(path, data.text_field)
+    raise DataError(f"data.path: unknown file type {path.name}; use .txt, .txt.gz, .jsonl, .json or .parquet")
+
+
+def _read_text(path: Path) -> str:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return f.read()
+
+
+def _json_texts(path: Path, field: str) -> list[str]:
+    raw = _read_text(path)
+    records: list[Any]
+    if path.name.endswith(".json") and raw.lstrip().startswith("["):
+        records = json.loads(raw)
+    else:
+        records = [json.loads(line) for line in raw.splitlines() if line.strip()]
+    texts = []
+    for i, record in enumerate(records):
+        if not isinstance(record, dict) or field not in record:
+            raise DataError(f"{path}: record {i} has no field {field!r} (set data.text_field)")
+        texts.append(str(record[field]))
+    return texts
+
+
+def _parquet_texts(path: Path, field: str) -> list[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as err:
+        raise DataError("reading parquet needs pyarrow: pip install pyarrow") from err
+    table = pq.read_table(path, columns=[field])
+    return [str(v) for v in table.column(field).to_pylist()]
+
+
+def _hub_texts(data: DataSpec) -> list[str]:
+    try:
+        import datasets
+    except ImportError as err:
+        raise DataError("data.dataset needs the `datasets` package (pip install datasets) and network") from err
+    dataset = datasets.load_dataset(data.dataset, split=data.split)
+    return [str(row[data.text_field]) for row in dataset]
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot load a tokenizer from {name_or_path!r}: {str(err).splitlines()[0]}") from err
+
+
+def check_vocabulary(tokenizer: Any, vocab_size: int, where: str) -> None:
+    if len(tokenizer) > vocab_size:
+        raise DataError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has "
+                        f"{vocab_size}: they do not belong together")
+
+
+def token_samples(texts: list[str], tokenizer: Any, num_samples: int, seq_len: int, packing: bool,
+                  seed: int) -> torch.Tensor:
+    """[num_samples, seq_len] token ids. Packing concatenates documents (EOS between), no padding."""
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    eos = tokenizer.eos_token_id
+    samples: list[list[int]] = []
+    buffer: list[int] = []
+    for index in order:
+        ids = tokenizer(texts[index], add_special_tokens=False)["input_ids"]
+        if packing:
+            buffer.extend(ids + ([eos] if eos is not None else []))
+            while len(buffer) >= seq_len and len(samples) < num_samples:
+                samples.append(buffer[:seq_len])
+                buffer = buffer[seq_len:]
+        elif len(ids) >= seq_len:  # unpacked: one document per sample, shorter ones skipped
+            samples.append(ids[:seq_len])
+        if len(samples) == num_samples:
+            return torch.tensor(samples, dtype=torch.long)
+    raise DataError(f"the data gives only {len(samples)} samples of {seq_len} tokens"
+                    f"{'' if packing else ' (unpacked: documents shorter than seq_len are skipped)'}, "
+                    f"but num_samples={num_samples}; lower num_samples or seq_len, or add data")
+
+
+def calibration_batches(spec: CalibrationSpec, tokenizer: Any) -> list[torch.Tensor]:
+    samples = token_samples(load_texts(spec.data), tokenizer, spec.num_samples, spec.seq_len, spec.packing, spec.seed)
+    return list(samples.split(spec.batch_size))

@@ -1,0 +1,168 @@
+"""The pass manager: a spec's pipeline of named passes over one shared context.
+
+A pass is a function `pass_fn(ctx, **args) -> PassResult`, registered by name with
+`@register_pass("name")`. Built-in passes live in `passes/` (`graphprune.passes`); plugins
+register theirs when imported (spec `plugins`) or through the entry-point group
+`graphprune.passes`. The manager checks each pass's declared inputs before running it and times
+every pass for the report.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.console import Console
+
+from .api import Analysis
+from .planning import Plan
+from .spec import Spec
+
+DEFAULT_PIPELINE = ["calibrate", "score_depth", "plan", "prune", "drop_layers", "materialize", "verify"]
+DRY_RUN_PIPELINE = ["plan"]
+
+
+class PipelineError(Exception):
+    """A pass cannot run (a missing input, an unknown pass name, a failing check)."""
+
+
+@dataclass
+class PassResult:
+    changed: bool = False
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PassContext:
+    """What passes read and write. Passes communicate only through this object."""
+
+    spec: Spec
+    analysis: Analysis
+    workdir: Path | None = None            # the output being built (None for --dry-run)
+    dry_run: bool = False
+    batches: list[torch.Tensor] | None = None
+    activations: dict[str, torch.Tensor] = field(default_factory=dict)   # per-channel scores per site
+    depth_scores: torch.Tensor | None = None
+    plan: Plan | None = None
+    state_dict: dict[str, torch.Tensor] | None = None  # the pruned weights, by original name
+    pruned_model: torch.nn.Module | None = None
+    report: dict[str, Any] = field(default_factory=dict)
+    console: Console = field(default_factory=lambda: Console(stderr=True))
+
+    def progress(self, description: str, total: int) -> Progress:
+        bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                       console=self.console, transient=True)
+        bar.add_task(description, total=total)
+        return bar
+
+
+PassFn = Callable[..., PassResult]
+
+
+@dataclass(frozen=True)
+class RegisteredPass:
+    name: str
+    fn: PassFn
+    requires: tuple[str, ...]
+    provides: tuple[str, ...]
+    doc: str
+
+
+PASSES: dict[str, RegisteredPass] = {}
+
+
+def register_pass(name: str, requires: tuple[str, ...] = (), provides: tuple[str, ...] = ()) -> Callable[[PassFn], PassFn]:
+    """Register `fn(ctx, **args) -> PassResult` as pass `name`.
+
+    `requires` / `provides` name PassContext fields (e.g. "plan", "state_dict"): the manager refuses
+    to run a pass whose inputs no earlier pass produced.
+    """
+
+    def decorate(fn: PassFn) -> PassFn:
+        PASSES[name] = RegisteredPass(name, fn, requires, provides, (fn.__doc__ or "").strip().split("\n")[0])
+        return fn
+
+    return decorate
+
+
+def load_passes(plugins: list[str]) -> None:
+    """Built-ins, then plugin modules from the spec, then installed entry points."""
+    importlib.import_module("graphprune.passes")
+    for module in plugins:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise PipelineError(f"plugins: cannot import {module!r}: {err}") from err
+    for entry in entry_points(group="graphprune.passes"):
+        entry.load()
+
+
+def run_pipeline(ctx: PassContext, pipeline: list[tuple[str, dict[str, Any]]]) -> None:
+    unknown = [name for name, _ in pipeline if name not in PASSES]
+    if unknown:
+        raise PipelineError(f"passes: unknown pass {', '.join(map(repr, unknown))}; registered passes: "
+                            f"{', '.join(sorted(PASSES))}")
+    available = {"spec", "analysis"}
+    for name, _ in pipeline:  # check the whole pipeline's data flow before running anything
+        missing = [r for r in PASSES[name].requires if r not in available]
+        if missing:
+            raise PipelineError(f"pass {name!r} needs {', '.join(missing)}, which no earlier pass provides")
+        available.update(PASSES[name].provides)
+    timings = ctx.report.setdefault("seconds_per_pass", {})
+    for name, args in pipeline:
+        start = time.perf_counter()
+        ctx.console.print(f"[bold]{name}[/bold]", highlight=False)
+        result = PASSES[name].fn(ctx, **args)
+        timings[name] = round(time.perf_counter() - start, 3)
+        ctx.report.setdefault("passes", []).append({"name": name, "changed": result.changed, **result.summary})
+
+
+def pipeline_of(spec: Spec, dry_run: bool) -> list[tuple[str, dict[str, Any]]]:
+    if spec.passes is not None:
+        steps = [(p.name, p.args) for p in spec.passes]
+        if dry_run:  # planning only: keep what runs without weights or data
+            steps = [(n, a) for n, a in steps if n in DRY_RUN_PIPELINE]
+        return steps
+    return [(name, {}) for name in (DRY_RUN_PIPELINE if dry_run else DEFAULT_PIPELINE)]
+
+
+class AtomicOutput:
+    """Build the output in a hidden sibling folder; move it into place only when everything worked."""
+
+    def __init__(self, target: Path, force: bool):
+        self.target = target
+        if target.exists() and not force:
+            raise PipelineError(f"output {target} exists; pass --force to replace it")
+        self.temp = target.parent / f".{target.name}.partial-{os.getpid()}"
+
+    def __enter__(self) -> Path:
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.temp, ignore_errors=True)
+        self.temp.mkdir()
+        return self.temp
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is not None:
+            shutil.rmtree(self.temp, ignore_errors=True)
+            return
+        old = None
+        if self.target.exists():
+            old = self.target.parent / f".{self.target.name}.old-{os.getpid()}"
+            self.target.rename(old)
+        self.temp.rename(self.target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")

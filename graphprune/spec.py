@@ -1,0 +1,201 @@
+"""The pruning spec: a JSON program, validated whole before anything touches weights.
+
+Field names follow NVIDIA Model Optimizer where it has them (`hidden_size`, `ffn_hidden_size`,
+`mamba_num_heads`, `mamba_head_dim`, `num_attention_heads`, `num_layers`, `params`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class SpecError(Exception):
+    """The spec is invalid; the message names the JSON path and what would be valid."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+class ModelSpec(_Strict):
+    path: str
+    """Hugging Face model folder, config.json (planning on meta), or hub id (online)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype to load the weights in."""
+    device: Literal["cpu", "cuda", "meta"] = "cpu"
+    """Where to run: `meta` plans only (no weights, no data)."""
+    trust_remote_code: bool = False
+    """Allow custom model code shipped with the checkpoint."""
+
+
+class DataSpec(_Strict):
+    path: str | None = None
+    """Local file: .txt (one document per blank-line separated block), .jsonl/.json, .parquet, .txt.gz."""
+    dataset: str | None = None
+    """A `datasets` hub id, for users who are online (instead of `path`)."""
+    split: str = "train"
+    """Split of a hub dataset."""
+    text_field: str = "text"
+    """Field holding the text in JSONL, parquet and hub datasets."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSpec:
+        if (self.path is None) == (self.dataset is None):
+            raise ValueError("give exactly one of 'path' (a local file) or 'dataset' (a hub id)")
+        return self
+
+
+class CalibrationSpec(_Strict):
+    data: DataSpec
+    """Text used to measure activations."""
+    tokenizer: str | None = None
+    """Tokenizer folder or hub id; default: the model's own."""
+    num_samples: int = Field(1024, ge=1)
+    """Number of sequences (the paper: 1024)."""
+    seq_len: int = Field(512, ge=2)
+    """Tokens per sequence (the paper: 8192)."""
+    batch_size: int = Field(1, ge=1)
+    """Sequences per forward pass (the paper found 1 slightly better for scoring)."""
+    packing: bool = True
+    """Concatenate documents into full sequences (no padding), as the paper recommends."""
+    seed: int = 0
+    """Seed for sample order."""
+
+
+ChannelMethod = Literal["activation", "magnitude", "random"]
+
+
+class ImportanceSpec(_Strict):
+    hidden: ChannelMethod = "activation"
+    """Embedding channels: outputs of every pre-norm in the layers, summed over layers."""
+    ffn: ChannelMethod = "activation"
+    """FFN neurons: output of the first projection."""
+    mamba: ChannelMethod = "activation"
+    """Mamba heads and head_dim: the x slice of in_proj (Algorithm 1)."""
+    attention: ChannelMethod = "activation"
+    """Query heads, ranked within their KV group: the input of the output projection."""
+    depth: Literal["kl_removal", "cosine", "random"] = "kl_removal"
+    """Layers: KL divergence of the logits with the layer removed (paper) or 1 - cos(in, out) (Model Optimizer)."""
+    depth_samples: int = Field(256, ge=1)
+    """Calibration sequences used for depth scoring (the paper: 256)."""
+    mamba_nested: bool = True
+    """Algorithm 1: choose head_dim channels first, then rank heads on the kept channels only."""
+    group_aware: bool = True
+    """Rank Mamba heads within their B/C group. false: rank globally and refill groups in rank order (naive baseline)."""
+
+
+class TargetsSpec(_Strict):
+    hidden_size: int | None = Field(None, ge=1)
+    ffn_hidden_size: int | None = Field(None, ge=1)
+    num_attention_heads: int | None = Field(None, ge=1)
+    mamba_num_heads: int | None = Field(None, ge=1)
+    mamba_head_dim: int | None = Field(None, ge=1)
+    num_layers: int | None = Field(None, ge=1)
+    params: int | None = Field(None, ge=1)
+    """A parameter budget: graphprune picks a feasible configuration at or under it."""
+    groups: dict[str, int] = Field(default_factory=dict)
+    """Per-group sizes by group name (see `graphprune inspect`); generic models only."""
+
+    @model_validator(mode="after")
+    def _budget_alone(self) -> TargetsSpec:
+        explicit = [k for k in ("hidden_size", "ffn_hidden_size", "num_attention_heads", "mamba_num_heads",
+                                "mamba_head_dim", "num_layers") if getattr(self, k) is not None]
+        if self.params is not None and explicit:
+            raise ValueError(f"'params' is a budget: give it alone, without {', '.join(explicit)}")
+        return self
+
+
+class PassSpec(_Strict):
+    name: str
+    """A registered pass (see README: built-ins, `plugins`, entry points `graphprune.passes`)."""
+    args: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments for the pass."""
+
+
+class Spec(_Strict):
+    model: ModelSpec
+    calibration: CalibrationSpec | None = None
+    """Needed for activation and KL scores (not for --dry-run)."""
+    importance: ImportanceSpec = Field(default_factory=ImportanceSpec)
+    targets: TargetsSpec = Field(default_factory=TargetsSpec)
+    passes: list[PassSpec] | None = None
+    """Explicit pipeline; default: the Minitron-SSM recipe."""
+    plugins: list[str] = Field(default_factory=list)
+    """Python modules to import first; they register passes."""
+    output: str | None = None
+    """Directory for the pruned model and report.json (written atomically)."""
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read and validate a spec; relative paths in it are relative to the spec file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SpecError(f"spec file {path} does not exist") from None
+    except json.JSONDecodeError as err:
+        raise SpecError(f"{path}: not valid JSON: {err}") from None
+    spec = parse_spec(data, source=str(path))
+    return resolve_paths(spec, path.parent)
+
+
+def parse_spec(data: Any, source: str = "spec") -> Spec:
+    try:
+        return Spec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(f"{source} is invalid:\n" + "\n".join(_describe(e) for e in err.errors())) from None
+
+
+def _describe(error: dict) -> str:
+    where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        message = "unknown field"
+        parent = _model_at(error["loc"][:-1])
+        if parent is not None:
+            message += f"; valid fields here: {', '.join(parent.model_fields)}"
+    elif error["type"] == "literal_error":
+        message = f"{message} (got {error.get('input')!r})"
+    return f"  at {where}: {message}"
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    model: Any = Spec
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return None
+        annotation = field.annotation
+        candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not candidates:
+            return None
+        model = candidates[0]
+    return model
+
+
+def resolve_paths(spec: Spec, base: Path) -> Spec:
+    """Make local paths absolute against `base`; hub ids (no such local file) stay as they are."""
+
+    def local(value: str | None) -> str | None:
+        if value is None:
+            return None
+        candidate = (base / value)
+        looks_local = value.startswith((".", "/")) or candidate.exists()
+        return str(candidate.resolve()) if looks_local else value
+
+    update: dict[str, Any] = {"model": spec.model.model_copy(update={"path": local(spec.model.path)})}
+    if spec.calibration is not None:
+        data = spec.calibration.data.model_copy(update={"path": local(spec.calibration.data.path)})
+        update["calibration"] = spec.calibration.model_copy(
+            update={"data": data, "tokenizer": local(spec.calibration.tokenizer)})
+    if spec.output is not None:
+        update["output"] = str((base / spec.output).resolve())
+    return spec.model_copy(update=update)
+
+
+def json_schema() -> dict:
+    return Spec.model_json_schema()

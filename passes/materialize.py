@@ -1,0 +1,64 @@
+"""materialize: build the pruned model of the same family and write it as a standard checkpoint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+
+
+from graphprune.pipeline import PassContext, PassResult, PipelineError, register_pass
+from graphprune.planning import config_values
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+
+
+def pruned_config(ctx: PassContext):
+    analysis = ctx.analysis
+    kept_layers = [i for i in range(len(analysis.layers)) if i not in set(ctx.plan.dropped_layers)]
+    return analysis.family.pruned_config(analysis.model.config, config_values(analysis, ctx.plan.sizes), kept_layers)
+
+
+@register_pass("materialize", requires=("plan", "state_dict"), provides=("pruned_model",))
+def materialize(ctx: PassContext) -> PassResult:
+    """New config + sliced weights -> the family's own class; saved with safetensors and the tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    analysis = ctx.analysis
+    if analysis.family is None:
+        raise PipelineError(
+            f"materialize: {type(analysis.model).__name__} has no family adapter, so there is no checkpoint "
+            "format to write it in; family adapters exist for Nemotron-H, Mamba2 and Llama/Qwen2/Mistral")
+    config = pruned_config(ctx)
+    dtype = next(analysis.model.parameters()).dtype
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    missing, unexpected = model.load_state_dict(ctx.state_dict, strict=False)
+    missing = [k for k in missing if k in dict(model.named_parameters())]
+    if missing or unexpected:
+        raise PipelineError(f"materialize: the pruned weights do not fit {type(model).__name__}: "
+                            f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    ctx.pruned_model = model
+    if ctx.workdir is not None:
+        model.save_pretrained(ctx.workdir)
+        config_path = ctx.workdir / "config.json"
+        data = json.loads(config_path.read_text()) | analysis.family.export_extras(config)
+        config_path.write_text(json.dumps(data, indent=2) + "\n")
+        copy_tokenizer(Path(ctx.spec.model.path), ctx.workdir, ctx.spec.calibration.tokenizer if ctx.spec.calibration else None)
+    return PassResult(changed=True, summary={"params": sum(p.numel() for p in model.parameters()),
+                                             "class": type(model).__name__})
+
+
+def copy_tokenizer(model_dir: Path, out: Path, tokenizer: str | None) -> None:
+    """The model's tokenizer files; else the calibration tokenizer, so the output is self-contained."""
+    source = model_dir if model_dir.is_dir() and any((model_dir / f).is_file() for f in TOKENIZER_FILES) else None
+    if source is None and tokenizer and Path(tokenizer).is_dir():
+        source = Path(tokenizer)
+    if source is None:
+        return
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, out / name)
+
+

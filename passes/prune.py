@@ -1,0 +1,35 @@
+"""prune: slice every parameter along every dimension a shrunk group owns."""
+
+from __future__ import annotations
+
+import torch
+
+from graphprune.pipeline import PassContext, PassResult, register_pass
+from graphprune.slicing import slice_indices
+
+
+def kept_indices(ctx: PassContext, name: str, dim: int) -> list[int]:
+    sizes = {g.name: g.size for g in ctx.analysis.groups}
+    pieces = ctx.analysis.structure.param_slices[name][dim]
+    return [i for piece in pieces for i in slice_indices(piece, ctx.plan.kept, sizes)]
+
+
+@register_pass("prune", requires=("plan",), provides=("state_dict",))
+def prune(ctx: PassContext) -> PassResult:
+    """The pruned weights, under their original names (tied weights sliced once, shared)."""
+    model = ctx.analysis.model
+    slices = ctx.analysis.structure.param_slices
+    canonical = {t.data_ptr(): n for n, t in [*model.named_parameters(), *model.named_buffers()] if n in slices}
+    state: dict[str, torch.Tensor] = {}
+    changed = 0
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            source = name if name in slices else canonical.get(tensor.data_ptr())
+            for dim in sorted(slices.get(source, {})):
+                index = torch.tensor(kept_indices(ctx, source, dim), dtype=torch.long)
+                if len(index) != tensor.shape[dim] or not torch.equal(index, torch.arange(tensor.shape[dim])):
+                    tensor = tensor.index_select(dim, index)
+                    changed += 1
+            state[name] = tensor.contiguous()
+    ctx.state_dict = state
+    return PassResult(changed=changed > 0, summary={"sliced_dims": changed})

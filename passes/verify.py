@@ -1,0 +1,32 @@
+"""verify: reload the written checkpoint with transformers' own class and compare the logits."""
+
+from __future__ import annotations
+
+import torch
+
+from graphprune.pipeline import PassContext, PassResult, PipelineError, register_pass
+
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
+
+
+@register_pass("verify", requires=("pruned_model",))
+def verify(ctx: PassContext, tolerance: float | None = None) -> PassResult:
+    """Logits of the reloaded checkpoint must match the in-memory pruned model."""
+    from transformers import AutoModelForCausalLM
+
+    if ctx.workdir is None:
+        return PassResult(summary={"skipped": "nothing written"})
+    model = ctx.pruned_model
+    dtype = next(model.parameters()).dtype
+    reloaded = AutoModelForCausalLM.from_pretrained(ctx.workdir, dtype=dtype).eval()
+    ids = ctx.batches[0][:1] if ctx.batches else torch.randint(0, model.config.vocab_size, (1, 64),
+                                                                 generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(input_ids=ids, use_cache=False).logits.float()
+        got = reloaded(input_ids=ids, use_cache=False).logits.float()
+    difference = (expected - got).abs().max().item()
+    limit = tolerance if tolerance is not None else TOLERANCE.get(dtype, 1e-4)
+    if difference > limit:
+        raise PipelineError(f"verify: reloaded checkpoint differs from the pruned model by {difference:.3g} "
+                            f"(tolerance {limit})")
+    return PassResult(summary={"max_abs_logit_diff": difference, "tokens": ids.numel()})

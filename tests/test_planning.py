@@ -1,0 +1,126 @@
+"""Planning: nested Mamba scoring, the paper's 8B -> 4B target on meta, and refused targets."""
+
+import json
+
+import pytest
+import torch
+
+from checkpoints import mamba2_config, nemotron_h_config, write_checkpoint, write_text
+from graphprune import analyze
+from graphprune.apply import apply
+from graphprune.data import DataError
+from graphprune.families import FamilyMismatch
+from graphprune.groups import Group, LayoutFactor, ParamSlice
+from graphprune.importance import ActivationSite, mamba_scores
+from graphprune.planning import PlanError, choose_units, count_params, plan_sizes
+from graphprune.spec import SpecError, load_spec, parse_spec
+from graphprune.trace import LoadError
+
+
+def test_nested_scoring_ranks_heads_on_kept_channels_only():
+    # 2 B/C groups x 2 heads x head_dim 3. Head 0 is strong only on channel 2, which is pruned.
+    s = torch.tensor([[0.0, 0.0, 3.0], [1.0, 1.0, 0.0], [2.0, 2.0, 0.0], [2.1, 2.1, 0.0]])
+    layout = (LayoutFactor("g", 2, True), LayoutFactor("heads", 2), LayoutFactor("head_dim", 3))
+    piece = ParamSlice("in_proj.weight", 0, 12, 24, layout)
+    heads = Group("heads", "mamba_heads", 0, size=4, unit=3, balanced_groups=2, params=0, slices=[piece])
+    head_dim = Group("head_dim", "mamba_head_dim", 0, size=3, unit=1, balanced_groups=1, params=0, slices=[piece])
+    site = ActivationSite("in_proj", False, piece)
+    stats = {site.key: s.flatten()}
+    nested, channels = mamba_scores(heads, head_dim, [site], stats, keep_channels=2, nested=True)
+    flat, _ = mamba_scores(heads, head_dim, [site], stats, keep_channels=2, nested=False)
+    assert choose_units(head_dim, channels, 2) == [0, 1]
+    assert choose_units(heads, nested, 2) == [1, 3]      # head 1 wins group 0 on the kept channels
+    assert choose_units(heads, flat, 2) == [0, 3]        # at full head_dim, head 0 would have won
+
+
+def test_paper_8b_to_4b_plan_on_meta_matches_transformers_count():
+    from transformers import AutoModelForCausalLM
+
+    spec = load_spec("specs/nemotron-h-8b-to-4b.json")
+    report = apply(spec, dry_run=True)
+    assert report["original"]["params"] == 8_100_852_736
+    assert report["pruned"]["params"] == 4_489_223_040
+    config = report["pruned"]["config"]
+    assert (config["hidden_size"], config["intermediate_size"], config["mamba_num_heads"]) == (3072, 12288, 112)
+    assert (config["mamba_head_dim"], config["num_hidden_layers"]) == (64, 52)
+    analysis = analyze("specs/models/nemotron-h-8b.json")
+    plan = plan_sizes(analysis, spec.targets)
+    from graphprune.planning import config_values
+    pruned = analysis.family.pruned_config(analysis.model.config, config_values(analysis, plan.sizes), list(range(52)))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(pruned)
+    assert model.num_parameters() == count_params(analysis, plan.sizes) == 4_489_223_040
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("refuse")
+    return {"root": root, "model": write_checkpoint(nemotron_h_config(), root / "model"),
+            "mamba2": write_checkpoint(mamba2_config(), root / "mamba2"), "text": write_text(root / "text.txt")}
+
+
+def spec_for(checkpoint, targets, model="model", **extra):
+    return parse_spec({"model": {"path": str(checkpoint[model])},
+                       "calibration": {"data": {"path": str(checkpoint["text"])}, "num_samples": 4, "seq_len": 32},
+                       "targets": targets, "output": str(checkpoint["root"] / "out"), **extra})
+
+
+@pytest.mark.parametrize("targets,message", [
+    ({"hidden_size": 64}, "larger than hidden's 48"),
+    ({"mamba_num_heads": 3}, "not a multiple of 2"),
+    ({"num_attention_heads": 3}, "balanced over 2 groups (kv_heads=2)"),
+    ({"mamba_head_dim": 7}, "larger than"),
+    ({"num_layers": 9}, "more than the model's 5 layers"),
+    ({"groups": {"layers.1.ffn": 40}}, "one size per layer kind"),
+])
+def test_infeasible_targets_are_refused_before_any_work(checkpoint, targets, message):
+    with pytest.raises(PlanError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        apply(spec_for(checkpoint, targets), force=True)
+    assert not (checkpoint["root"] / "out").exists()
+
+
+def test_mamba2_width_rule_is_refused(checkpoint):
+    with pytest.raises(FamilyMismatch, match="multiple of hidden_size"):
+        apply(spec_for(checkpoint, {"hidden_size": 24}, model="mamba2"), force=True)
+
+
+def test_unknown_keys_name_the_path_and_the_valid_fields():
+    with pytest.raises(SpecError) as info:
+        parse_spec({"model": {"path": "x"}, "targets": {"mamba_heads": 4}})
+    assert "targets.mamba_heads: unknown field" in str(info.value)
+    assert "mamba_num_heads" in str(info.value)
+    with pytest.raises(SpecError, match="importance.depth"):
+        parse_spec({"model": {"path": "x"}, "importance": {"depth": "l2"}})
+
+
+def test_missing_files_and_mismatched_tokenizer(checkpoint, tmp_path):
+    with pytest.raises(LoadError):
+        apply(parse_spec({"model": {"path": str(tmp_path / "missing")}, "output": str(tmp_path / "o")}))
+    bad_data = spec_for(checkpoint, {"hidden_size": 32}).model_copy()
+    bad_data.calibration.data.path = str(tmp_path / "nothing.txt")
+    with pytest.raises(DataError, match="does not exist"):
+        apply(bad_data, force=True)
+    from transformers import NemotronHConfig
+    small_vocab = nemotron_h_config()
+    small_vocab.vocab_size = 96
+    write_checkpoint(small_vocab, tmp_path / "small")
+    spec = spec_for({**checkpoint, "model": tmp_path / "small"}, {"hidden_size": 32})
+    with pytest.raises(DataError, match="4096 tokens but the model's vocabulary has 96"):
+        apply(spec, force=True)
+
+
+def test_schema_file_is_current():
+    from graphprune.spec import json_schema
+
+    assert json.load(open("specs/schema.json")) == json_schema()
+
+
+def test_plugin_pass_runs_from_a_spec(checkpoint):
+    spec = spec_for(checkpoint, {"ffn_hidden_size": 40}, plugins=["plugin_pass"], importance={"ffn": "magnitude",
+                    "hidden": "magnitude", "mamba": "magnitude", "attention": "magnitude"},
+                    passes=[{"name": "plan"}, {"name": "count_pruned_ffn", "args": {"label": "demo"}},
+                            {"name": "prune"}, {"name": "materialize"}, {"name": "verify"}])
+    report = apply(spec, force=True)
+    plugin = next(p for p in report["passes"] if p["name"] == "count_pruned_ffn")
+    assert plugin["label"] == "demo" and plugin["pruned_units"] == 2 * (80 - 40)
+    assert (checkpoint["root"] / "out" / "model.safetensors").is_file()
