@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,6 +34,7 @@ class AxisGraph:
     param_axes: dict[str, Axes]
     param_shapes: dict[str, tuple[int, ...]]
     buffer_names: set[str]
+    node_axes: dict[str, Any] = field(default_factory=dict)  # call nodes' output axes, by node name
 
 
 def propagate(exported: ExportedProgram) -> AxisGraph:
@@ -97,6 +98,7 @@ class _Propagation:
             self.axes[node] = rule(ctx)
         except AxisError as err:
             raise AnalysisError(f"op {node.target} at {ctx.module_path()}: {err}") from err
+        self.result.node_axes[node.name] = self.axes[node]
 
     def _output(self, node: Node) -> None:
         for out in node.all_input_nodes:
@@ -252,7 +254,7 @@ class RuleContext:
                     chunk.append(segment[position])
                     size *= self.store.size(segment[position])
                     position += 1
-                is_channel = any(not isinstance(f, Broadcast) for f in chunk)
+                is_channel = any(not isinstance(f, Broadcast) or f.uid is not None for f in chunk)
                 out[d] = (tuple(chunk),) if is_channel else None
         return tuple(out)
 

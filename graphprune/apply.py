@@ -18,13 +18,19 @@ from .spec import Spec
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def apply(spec: Spec, *, dry_run: bool = False, force: bool = False, console=None) -> dict[str, Any]:
-    """Prune per the spec; returns the report (also written to <output>/report.json)."""
+def apply(spec: Spec, *, model: torch.nn.Module | None = None, dry_run: bool = False, force: bool = False,
+          console=None) -> dict[str, Any]:
+    """Prune per the spec; returns the report (also written to <output>/report.json).
+
+    `model` prunes an in-memory module instead of `spec.model.path` (any nn.Module: without a family
+    adapter the output is a rewritten torch.export graph, model.pt2).
+    """
     load_passes(spec.plugins)
     meta = dry_run or spec.model.device == "meta"
     if not meta and spec.output is None:
         raise PipelineError("output: a full run needs an output directory (or use --dry-run to plan only)")
-    analysis = analyze(spec.model.path, meta=meta, trust_remote_code=spec.model.trust_remote_code)
+    analysis = analyze(model if model is not None else spec.model.path, meta=meta,
+                       trust_remote_code=spec.model.trust_remote_code)
     _to_runtime(analysis, spec)
     ctx = PassContext(spec=spec, analysis=analysis, dry_run=meta)
     if console is not None:
@@ -53,6 +59,9 @@ def preflight(ctx: PassContext) -> None:
     """Every check that needs no forward pass, before anything runs: targets, family, data, tokenizer."""
     spec, analysis = ctx.spec, ctx.analysis
     plan = plan_sizes(analysis, spec.targets)
+    if analysis.family is None and spec.targets.num_layers is not None:
+        raise PlanError("targets.num_layers: depth pruning needs a family adapter (Nemotron-H, Mamba2, Llama); "
+                        "the generic graph path prunes widths only")
     if analysis.family is not None:
         kept_layers = list(range(plan.sizes.get("layers", len(analysis.layers))))
         analysis.family.pruned_config(analysis.model.config, config_values(analysis, plan.sizes), kept_layers)

@@ -30,9 +30,14 @@ class AxisError(Exception):
 
 @dataclass(frozen=True)
 class Broadcast:
-    """A factor along which the tensor is constant (an expanded or repeated dimension)."""
+    """A factor along which the tensor is constant (an expanded or repeated dimension).
+
+    Broadcasts made by an op (`AxisStore.new_broadcast`) carry an id: when one meets an atom, the
+    store remembers the pair, so that a rewrite can shrink the repeat count with the atom.
+    """
 
     size: int
+    uid: int | None = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,9 @@ class AxisStore:
     _refinement: dict[int, Expr] = field(default_factory=dict)
     _tags: dict[int, set[str]] = field(default_factory=dict)
     pairings: list[BroadcastPairing] = field(default_factory=list)
+    broadcast_partner: dict[int, int] = field(default_factory=dict)  # broadcast uid -> atom it met
+    _same_broadcast: UnionFind = field(default_factory=UnionFind)   # broadcasts that met each other
+    _next_broadcast: int = 0
 
     # --- atoms -------------------------------------------------------------------------------
     def new_atom(self, size: int, origin: str, tags: set[str] | None = None) -> int:
@@ -79,6 +87,27 @@ class AxisStore:
         if tags:
             self._tags[atom] = set(tags)
         return atom
+
+    def new_broadcast(self, size: int) -> Broadcast:
+        self._next_broadcast += 1
+        return Broadcast(size, self._next_broadcast)
+
+    def partner(self, broadcast: Broadcast) -> int | None:
+        if broadcast.uid is None:
+            return None
+        atom = self.broadcast_partner.get(self._same_broadcast[broadcast.uid])
+        return None if atom is None else self.find(atom)
+
+    def _link_broadcasts(self, a: Broadcast, b: Broadcast) -> None:
+        if a.uid is None or b.uid is None:
+            return
+        ra, rb = self._same_broadcast[a.uid], self._same_broadcast[b.uid]
+        if ra == rb:
+            return
+        partners = [p for p in (self.broadcast_partner.pop(ra, None), self.broadcast_partner.pop(rb, None)) if p is not None]
+        self._same_broadcast.union(ra, rb)
+        if partners:
+            self.broadcast_partner[self._same_broadcast[ra]] = partners[0]
 
     def find(self, atom: int) -> int:
         return self._uf[atom]
@@ -266,11 +295,15 @@ class AxisStore:
                 merged = self.unify(self._as_expr(fa), self._as_expr(fb))
                 out.append(merged[0][0] if len(merged) == 1 and len(merged[0]) == 1 else Concat(merged))
             elif a_bcast and b_bcast:
+                self._link_broadcasts(fa, fb)
                 out.append(fa)
             elif a_bcast or b_bcast:
                 atom, side = (fb, sb) if a_bcast else (fa, sa)
+                broadcast = fa if a_bcast else fb
                 outer = tuple(self.atoms_of((side[:i],)))
                 self.pairings.append(BroadcastPairing(atom, outer))
+                if broadcast.uid is not None:
+                    self.broadcast_partner.setdefault(self._same_broadcast[broadcast.uid], atom)
                 out.append(atom)
             else:
                 out.append(self._union(fa, fb))

@@ -12,11 +12,12 @@ position arithmetic on untracked tensors needs no rule at all.
 
 from __future__ import annotations
 
-import math
 import operator
 import re
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from .axes import Broadcast, Expr
 
@@ -191,10 +192,17 @@ def transpose(ctx: RuleContext) -> Axes:
 
 @register("aten.expand", "aten.expand_as", "aten.broadcast_to")
 def expand(ctx: RuleContext) -> Axes:
-    """New leading dims and stretched size-1 dims carry no channels."""
+    """New leading dims carry no channels; a stretched size-1 dim of a channel tensor is a broadcast
+    (repeat_kv's expand: its size is the number of query heads per KV head)."""
     axes = ctx.axes(ctx.arg(0))
-    new = len(ctx.out_shape()) - len(axes)
-    return (None,) * new + tuple(axes)
+    out_shape = ctx.out_shape()
+    new = len(out_shape) - len(axes)
+    tracked = any(e is not None for e in axes)
+    stretched = [
+        ((ctx.store.new_broadcast(size),),) if tracked and e is None and size > 1 and old == 1 else e
+        for e, old, size in zip(axes, ctx.shape(ctx.arg(0)), out_shape[new:])
+    ]
+    return (None,) * new + tuple(stretched)
 
 
 @register("aten.repeat_interleave.self_int")
@@ -206,7 +214,8 @@ def repeat_interleave(ctx: RuleContext) -> Axes:
         raise ctx.error("repeat_interleave without dim flattens the tensor", axes[0])
     d = _dim(dim, len(axes))
     if axes[d] is not None and repeats > 1:
-        axes[d] = tuple(seg + (Broadcast(repeats),) for seg in ctx.normalize(axes[d]))
+        repeated = ctx.store.new_broadcast(repeats)
+        axes[d] = tuple(seg + (repeated,) for seg in ctx.normalize(axes[d]))
     return tuple(axes)
 
 
@@ -218,7 +227,7 @@ def repeat(ctx: RuleContext) -> Axes:
     new = len(repeats) - len(axes)
     out: list[Expr | None] = [None] * new
     for expr, k in zip(axes, repeats[new:]):
-        out.append(expr if expr is None or k == 1 else ((Broadcast(k), *ctx.single(expr)),))
+        out.append(expr if expr is None or k == 1 else ((ctx.store.new_broadcast(k), *ctx.single(expr)),))
     return tuple(out)
 
 
@@ -438,7 +447,8 @@ def scaled_dot_product_attention(ctx: RuleContext) -> Axes:
     head_dim = ctx.unify(q[-1], k[-1])
     kv = ctx.unify(k[-3], v[-3])
     if kv is not None and q_heads != kv_heads:  # enable_gqa: KV heads repeat_interleave'd
-        kv = tuple(seg + (Broadcast(q_heads // kv_heads),) for seg in ctx.normalize(kv))
+        repeated = ctx.store.new_broadcast(q_heads // kv_heads)
+        kv = tuple(seg + (repeated,) for seg in ctx.normalize(kv))
     heads = ctx.unify(q[-3], kv) if q_heads == kv_heads or q[-3] is not None else q[-3]
     ctx.tag_contraction(batch=[heads], contracted=[head_dim], free=[v[-1]])
     for expr in (heads, head_dim, v[-1]):
@@ -478,5 +488,96 @@ def untracked(ctx: RuleContext) -> Axes | None:
     return None if shape is None else (None,) * len(shape)
 
 
-def product_size(shape: Sequence[int]) -> int:
-    return math.prod(shape)
+# --- the other direction: rewrite constant arguments when channel axes shrink ---------------------
+# A rewrite rule gets a RewriteContext (graphprune/rewrite.py) and returns the node's new args, or
+# None to leave them. Ops whose arguments hold no channel sizes need none.
+REWRITES: dict[str, Callable[[Any], tuple | None]] = {}
+
+
+def register_rewrite(*names: str) -> Callable:
+    def decorate(rule: Callable) -> Callable:
+        for name in names:
+            REWRITES[name] = rule
+        return rule
+
+    return decorate
+
+
+def rewrite_for(target: Any) -> Callable | None:
+    name = str(target)
+    if name in REWRITES:
+        return REWRITES[name]
+    packet = getattr(target, "overloadpacket", None)
+    return REWRITES.get(str(packet)) if packet is not None else None
+
+
+@register_rewrite("aten.view", "aten._unsafe_view", "aten.reshape", "aten.expand")
+def rewrite_shape(ctx) -> tuple:
+    shape = [size if size == -1 or expr is None else ctx.kept(expr) for size, expr in zip(ctx.arg(1), ctx.out_axes())]
+    return (ctx.arg(0), shape, *ctx.node.args[2:])
+
+
+@register_rewrite("aten.split_with_sizes", "aten.split.Tensor")
+def rewrite_split(ctx) -> tuple:
+    x = ctx.arg(0)
+    dim = ctx.arg(2, 0) % len(ctx.in_axes(x))
+    if ctx.in_axes(x)[dim] is None:
+        return ctx.node.args
+    ctx.node.target = torch.ops.aten.split_with_sizes.default
+    return (x, [ctx.kept(out[dim]) for out in ctx.out_axes()], dim)
+
+
+@register_rewrite("aten.slice.Tensor", "aten.narrow")
+def rewrite_slice(ctx) -> tuple:
+    x, dim = ctx.arg(0), ctx.arg(1, 0) % len(ctx.in_axes(ctx.arg(0)))
+    expr = ctx.in_axes(x)[dim]
+    if expr is None:
+        return ctx.node.args
+    size = ctx.in_shape(x)[dim]
+    if "narrow" in str(ctx.node.target):
+        start = ctx.arg(2) % size
+        new_start = ctx.kept_before(expr, start)
+        return (x, ctx.arg(1), new_start, ctx.kept_before(expr, start + ctx.arg(3)) - new_start)
+    start, stop, step = slice(ctx.arg(2, None), ctx.arg(3, None), ctx.arg(4, 1)).indices(size)
+    return (x, ctx.arg(1), ctx.kept_before(expr, start), ctx.kept_before(expr, stop), step)
+
+
+@register_rewrite("aten.select.int")
+def rewrite_select(ctx) -> tuple:
+    x, dim = ctx.arg(0), ctx.arg(1) % len(ctx.in_axes(ctx.arg(0)))
+    expr = ctx.in_axes(x)[dim]
+    if expr is None:
+        return ctx.node.args
+    return (x, ctx.arg(1), ctx.kept_before(expr, ctx.arg(2) % ctx.in_shape(x)[dim]))
+
+
+@register_rewrite("aten.conv1d", "aten.convolution", "aten.conv2d")
+def rewrite_conv(ctx) -> tuple:
+    position = 8 if "convolution" in str(ctx.node.target) else 6
+    groups = ctx.arg(position, 1)
+    if groups == 1:
+        return ctx.node.args
+    args = list(ctx.node.args)
+    args[position] = ctx.kept(ctx.out_axes()[1])
+    return tuple(args)
+
+
+@register_rewrite("aten.repeat_interleave.self_int")
+def rewrite_repeat_interleave(ctx) -> tuple:
+    """The repeat count is the number of heads per group: it shrinks with the heads it feeds."""
+    dim = ctx.arg(2) % len(ctx.out_axes())
+    expr = ctx.out_axes()[dim]
+    if expr is None:
+        return ctx.node.args
+    repeated = ctx.store.normalize(expr)[0][-1]
+    if ctx.node.kwargs.get("output_size") is not None:
+        ctx.node.kwargs = {**ctx.node.kwargs, "output_size": ctx.kept(expr)}
+    return (ctx.arg(0), ctx.kept(((repeated,),)), *ctx.node.args[2:])
+
+
+@register_rewrite("aten.layer_norm", "aten.rms_norm")
+def rewrite_norm(ctx) -> tuple:
+    axes = ctx.in_axes(ctx.arg(0))
+    shape = list(ctx.arg(1))
+    new = [size if e is None else ctx.kept(e) for size, e in zip(shape, axes[len(axes) - len(shape):])]
+    return (ctx.arg(0), new, *ctx.node.args[2:])

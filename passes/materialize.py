@@ -8,7 +8,10 @@ from pathlib import Path
 
 
 
+import torch
+
 from graphprune.pipeline import PassContext, PassResult, PipelineError, register_pass
+from graphprune.trace import example_inputs
 from graphprune.planning import config_values
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -23,14 +26,15 @@ def pruned_config(ctx: PassContext):
 
 @register_pass("materialize", requires=("plan", "state_dict"), provides=("pruned_model",))
 def materialize(ctx: PassContext) -> PassResult:
-    """New config + sliced weights -> the family's own class; saved with safetensors and the tokenizer."""
+    """The family's own class from the new config and sliced weights, saved with its tokenizer.
+
+    Models without a family: the rewritten graph, saved with torch.export.save.
+    """
     from transformers import AutoModelForCausalLM
 
     analysis = ctx.analysis
     if analysis.family is None:
-        raise PipelineError(
-            f"materialize: {type(analysis.model).__name__} has no family adapter, so there is no checkpoint "
-            "format to write it in; family adapters exist for Nemotron-H, Mamba2 and Llama/Qwen2/Mistral")
+        return _save_graph(ctx)
     config = pruned_config(ctx)
     dtype = next(analysis.model.parameters()).dtype
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
@@ -48,6 +52,21 @@ def materialize(ctx: PassContext) -> PassResult:
         copy_tokenizer(Path(ctx.spec.model.path), ctx.workdir, ctx.spec.calibration.tokenizer if ctx.spec.calibration else None)
     return PassResult(changed=True, summary={"params": sum(p.numel() for p in model.parameters()),
                                              "class": type(model).__name__})
+
+
+GRAPH_FILE = "model.pt2"
+
+
+def _save_graph(ctx: PassContext) -> PassResult:
+    """A model without a family: the rewritten graph, re-exported (which proves it runs) and saved."""
+    example = example_inputs(ctx.analysis.model)
+    ids = example[0][0] if example[0] else example[1]["input_ids"]
+    # The graph keeps the traced input shape (batch 1, the traced length): views in it are static.
+    exported = torch.export.export(ctx.pruned_model, (ids,), strict=False)
+    if ctx.workdir is not None:
+        torch.export.save(exported, ctx.workdir / GRAPH_FILE)
+    params = sum(p.numel() for p in ctx.pruned_model.parameters())
+    return PassResult(changed=True, summary={"params": params, "class": "torch.export graph", "file": GRAPH_FILE})
 
 
 def copy_tokenizer(model_dir: Path, out: Path, tokenizer: str | None) -> None:

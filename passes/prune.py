@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from graphprune.pipeline import PassContext, PassResult, register_pass
+from graphprune.rewrite import rewrite_graph
 from graphprune.slicing import slice_indices
 
 
@@ -14,9 +15,9 @@ def kept_indices(ctx: PassContext, name: str, dim: int) -> list[int]:
     return [i for piece in pieces for i in slice_indices(piece, ctx.plan.kept, sizes)]
 
 
-@register_pass("prune", requires=("plan",), provides=("state_dict",))
+@register_pass("prune", requires=("plan",), provides=("state_dict", "pruned_model"))
 def prune(ctx: PassContext) -> PassResult:
-    """The pruned weights, under their original names (tied weights sliced once, shared)."""
+    """The pruned weights under their original names; for models without a family, the rewritten graph."""
     model = ctx.analysis.model
     slices = ctx.analysis.structure.param_slices
     canonical = {t.data_ptr(): n for n, t in [*model.named_parameters(), *model.named_buffers()] if n in slices}
@@ -32,4 +33,6 @@ def prune(ctx: PassContext) -> PassResult:
                     changed += 1
             state[name] = tensor.contiguous()
     ctx.state_dict = state
+    if ctx.analysis.family is None:  # no checkpoint format: the rewritten graph is the pruned model
+        ctx.pruned_model = rewrite_graph(ctx.analysis, ctx.plan, state)
     return PassResult(changed=changed > 0, summary={"sliced_dims": changed})
