@@ -43,6 +43,16 @@ class Analysis:
                 return group
         raise KeyError(f"no group {name!r}; groups are: {', '.join(g.name for g in self.groups)}")
 
+    def slice_name(self, name: str) -> str | None:
+        """The name under which the analysis knows a parameter or buffer (tied weights have several)."""
+        slices = self.structure.param_slices
+        if name in slices:
+            return name
+        tensors = {**dict(self.model.named_parameters(remove_duplicate=False)),
+                   **dict(self.model.named_buffers(remove_duplicate=False))}
+        target = tensors.get(name)
+        return next((n for n, t in tensors.items() if t is target and n in slices), None)
+
     def groups_of_kind(self, kind: str) -> list[Group]:
         return [g for g in self.groups if g.kind == kind]
 

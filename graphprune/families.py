@@ -35,10 +35,20 @@ class FamilyAdapter:
         for key, value in values.items():
             setattr(new, key, value)
         self.keep_layers(new, config, kept_layers)
+        self.derive(new)
+        try:  # the family's own validation, as from_pretrained will run it on the written config
+            type(new).from_dict(new.to_dict())
+        except Exception as err:  # transformers raises ValueError or a wrapped validation error
+            cause = err.__cause__ or err
+            raise FamilyMismatch(f"{self.name}: the pruned configuration is not valid for {type(new).__name__}: "
+                                 f"{str(cause).strip().splitlines()[-1]}") from None
         return new
 
     def keep_layers(self, new: Any, old: Any, kept_layers: list[int]) -> None:
         new.num_hidden_layers = len(kept_layers)
+
+    def derive(self, new: Any) -> None:
+        """Config keys that follow from the pruned sizes."""
 
     def export_extras(self, config: Any) -> dict[str, Any]:
         """Keys other runtimes read that transformers does not write (see FORMATS.md)."""
@@ -83,8 +93,7 @@ class Mamba2Adapter(FamilyAdapter):
     def layer_kinds(self, config: Any) -> list[str]:
         return ["mamba"] * config.num_hidden_layers
 
-    def pruned_config(self, config: Any, values: dict[str, int], kept_layers: list[int]) -> Any:
-        new = super().pruned_config(config, values, kept_layers)
+    def derive(self, new: Any) -> None:
         inner = new.num_heads * new.head_dim
         if inner % new.hidden_size:  # Mamba2 derives its SSM width as int(expand * hidden_size)
             raise FamilyMismatch(
@@ -92,7 +101,6 @@ class Mamba2Adapter(FamilyAdapter):
                 "because Mamba2ForCausalLM computes its SSM width as expand * hidden_size; choose a hidden_size "
                 f"that divides {inner}")
         new.expand = inner // new.hidden_size
-        return new
 
 
 class LlamaAdapter(FamilyAdapter):

@@ -96,7 +96,7 @@ def count_params(analysis: Analysis, sizes: dict[str, int], dropped_layers: list
     for name, param in analysis.model.named_parameters():
         if name.startswith(dropped):
             continue
-        dims = analysis.structure.param_slices.get(name, {})
+        dims = analysis.structure.param_slices.get(analysis.slice_name(name), {})
         numel = 1
         for d, size in enumerate(param.shape):
             numel *= sum(_kept_size(s.layout, sizes, group_sizes) for s in dims[d]) if d in dims else size

@@ -18,14 +18,13 @@ def kept_indices(ctx: PassContext, name: str, dim: int) -> list[int]:
 @register_pass("prune", requires=("plan",), provides=("state_dict", "pruned_model"))
 def prune(ctx: PassContext) -> PassResult:
     """The pruned weights under their original names; for models without a family, the rewritten graph."""
-    model = ctx.analysis.model
-    slices = ctx.analysis.structure.param_slices
-    canonical = {t.data_ptr(): n for n, t in [*model.named_parameters(), *model.named_buffers()] if n in slices}
+    analysis = ctx.analysis
+    slices = analysis.structure.param_slices
     state: dict[str, torch.Tensor] = {}
     changed = 0
     with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            source = name if name in slices else canonical.get(tensor.data_ptr())
+        for name, tensor in analysis.model.state_dict().items():
+            source = analysis.slice_name(name)
             for dim in sorted(slices.get(source, {})):
                 index = torch.tensor(kept_indices(ctx, source, dim), dtype=torch.long)
                 if len(index) != tensor.shape[dim] or not torch.equal(index, torch.arange(tensor.shape[dim])):

@@ -31,11 +31,11 @@ def mamba2_config():
                         state_size=8, expand=2, chunk_size=16, tie_word_embeddings=False)
 
 
-def llama_config():
+def llama_config(tied: bool = False):
     from transformers import LlamaConfig
 
     return LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                       num_attention_heads=6, num_key_value_heads=2, head_dim=8)
+                       num_attention_heads=6, num_key_value_heads=2, head_dim=8, tie_word_embeddings=tied)
 
 
 def write_checkpoint(config, folder: Path, seed: int = 0) -> Path:

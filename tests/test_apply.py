@@ -22,7 +22,8 @@ def workspace(tmp_path_factory):
     return {"root": root, "text": write_text(root / "text.txt"),
             "nemotron": write_checkpoint(nemotron_h_config(), root / "nemotron"),
             "mamba2": write_checkpoint(mamba2_config(), root / "mamba2"),
-            "llama": write_checkpoint(llama_config(), root / "llama")}
+            "llama": write_checkpoint(llama_config(), root / "llama"),
+            "llama_tied": write_checkpoint(llama_config(tied=True), root / "llama_tied")}
 
 
 def run(workspace, model, targets, name, **extra):
@@ -57,6 +58,7 @@ def test_identity_spec_reproduces_logits_exactly(workspace, model):
     ("nemotron", {"hidden_size": 32, "ffn_hidden_size": 40, "mamba_num_heads": 4, "mamba_head_dim": 4}),
     ("mamba2", {"mamba_num_heads": 4}),
     ("llama", {"hidden_size": 32, "ffn_hidden_size": 48, "num_attention_heads": 4, "num_layers": 1}),
+    ("llama_tied", {"hidden_size": 36, "ffn_hidden_size": 48}),
 ])
 def test_written_checkpoint_reloads_in_transformers_and_matches(workspace, model, targets):
     report, reloaded = run(workspace, model, targets, f"reload-{model}")

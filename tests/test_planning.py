@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from checkpoints import mamba2_config, nemotron_h_config, write_checkpoint, write_text
+from checkpoints import llama_config, mamba2_config, nemotron_h_config, write_checkpoint, write_text
 from graphprune import analyze
 from graphprune.apply import apply
 from graphprune.data import DataError
@@ -79,9 +79,13 @@ def test_infeasible_targets_are_refused_before_any_work(checkpoint, targets, mes
     assert not (checkpoint["root"] / "out").exists()
 
 
-def test_mamba2_width_rule_is_refused(checkpoint):
+def test_family_rules_are_refused_before_any_work(checkpoint, tmp_path):
     with pytest.raises(FamilyMismatch, match="multiple of hidden_size"):
         apply(spec_for(checkpoint, {"hidden_size": 24}, model="mamba2"), force=True)
+    llama = write_checkpoint(llama_config(), tmp_path / "llama")
+    with pytest.raises(FamilyMismatch, match="not a multiple of the number of attention heads"):
+        apply(spec_for({**checkpoint, "llama": llama}, {"hidden_size": 32}, model="llama"), force=True)
+    assert not (checkpoint["root"] / "out").exists()
 
 
 def test_unknown_keys_name_the_path_and_the_valid_fields():
