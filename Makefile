@@ -15,8 +15,9 @@ $(INSTALLED): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(INSTALLED)
 
+# The main job on the built-in demo teacher: prune to about half, verify, evaluate before/after.
 demo: $(INSTALLED)
-	$(BIN)/graphprune inspect specs/models/tiny-nemotron-h.json
+	$(BIN)/graphprune apply specs/demo.json --force
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest -q

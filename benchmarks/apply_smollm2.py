@@ -24,7 +24,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path.home() / ".cache" / "graphprune" / "smollm2-135m-q4_1-dequantized"
-TARGETS = {"hidden_size": 448, "ffn_hidden_size": 1024, "num_attention_heads": 6}
+TARGETS = {"hidden_size": 432, "ffn_hidden_size": 1024, "num_attention_heads": 6}
 
 
 def converted_checkpoint() -> Path:

@@ -81,6 +81,40 @@ def apply(
     _print_report(report)
 
 
+@app.command("eval")
+def eval_command(
+    model: Annotated[str, typer.Argument(help="A Hugging Face model folder (or hub id).")],
+    data: Annotated[str | None, typer.Option(help="Held-out text (.txt/.txt.gz/.jsonl); default: the demo corpus' validation split.")] = None,
+    probes: Annotated[str, typer.Option(help="Comma-separated probes: mqar, induction, copy ('' for none).")] = "mqar,induction,copy",
+    seq_len: Annotated[int, typer.Option(help="Tokens per window and per probe sequence.")] = 256,
+    max_tokens: Annotated[int, typer.Option(help="Held-out tokens to score.")] = 32768,
+    samples: Annotated[int, typer.Option(help="Sequences per probe.")] = 64,
+    seed: Annotated[int, typer.Option(help="Probe seed.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+) -> None:
+    """Perplexity on held-out text and probe accuracies (MQAR, induction, selective copy)."""
+    from .evaluate import evaluate_path
+
+    names = [p.strip() for p in probes.split(",") if p.strip()]
+    try:
+        with stderr.status("evaluating..."):
+            result = evaluate_path(model, data=data, probes=names, seq_len=seq_len, max_tokens=max_tokens,
+                                   probe_samples=samples, seed=seed)
+    except (*USER_ERRORS, ValueError, OSError) as err:
+        raise _fail(err) from None
+    if as_json:
+        sys.stdout.write(json.dumps({"perplexity": result["perplexity"], "probes": result["probes"],
+                                     "tokens": result["tokens"]}) + "\n")
+        return
+    table = Table(title=f"{model}", title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row(f"perplexity ({result['tokens']:,} tokens)", f"{result['perplexity']:.2f}")
+    for name, accuracy in result["probes"].items():
+        table.add_row(f"{name} accuracy", f"{accuracy:.3f}")
+    Console().print(table)
+
+
 @app.command()
 def schema() -> None:
     """Print the JSON Schema of pruning specs (kept in specs/schema.json)."""
@@ -97,6 +131,12 @@ def _print_report(report: dict) -> None:
         table.add_row(key, str(before["config"][key]), str(after["config"].get(key, "")))
     ratio = after["params"] / before["params"]
     table.add_row("parameters", f"{before['params']:,}", f"{after['params']:,} ({ratio:.1%})")
+    evaluation = report.get("evaluation")
+    if evaluation:
+        old, new = evaluation["original"], evaluation["pruned"]
+        table.add_row("perplexity", f"{old['perplexity']:.2f}", f"{new['perplexity']:.2f}")
+        for name in old["probes"]:
+            table.add_row(f"{name} accuracy", f"{old['probes'][name]:.3f}", f"{new['probes'][name]:.3f}")
     console.print(table)
     if report.get("dropped_layers"):
         console.print(f"dropped layers: {report['dropped_layers']}")
