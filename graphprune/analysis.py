@@ -121,11 +121,7 @@ class RuleContext:
         return str(self.node.target)
 
     def arg(self, index: int, default: Any = ...) -> Any:
-        if index < len(self.node.args):
-            return self.node.args[index]
-        if default is ...:
-            raise AnalysisError(f"{self.op_name()} at {self.module_path()}: missing argument {index}")
-        return default
+        return node_arg(self.node, index, default)
 
     def kwarg(self, name: str, default: Any = None) -> Any:
         return self.node.kwargs.get(name, default)
@@ -282,6 +278,15 @@ class RuleContext:
 
     def error(self, reason: str, expr: Expr | None) -> AnalysisError:
         return AnalysisError(f"op {self.op_name()} at {self.module_path()}: {reason} ({self.describe(expr)})")
+
+
+def node_arg(node: Node, index: int, default: Any = ...) -> Any:
+    """Positional argument `index` of a call node, or `default` when the call omitted it."""
+    if index < len(node.args):
+        return node.args[index]
+    if default is ...:
+        raise AnalysisError(f"{node.target} ({node.name}): missing argument {index}")
+    return default
 
 
 def _shape(node: Node) -> tuple[int, ...] | None:

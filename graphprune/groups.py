@@ -134,7 +134,7 @@ def build_structure(axis_graph: AxisGraph, model: nn.Module, layer_kinds: list[s
     heads = {a for a, t in roles.tags.items() if "act_batch" in t and a not in fixed}
     groups, names = _group_atoms(roles, fixed, heads)
     structure = Structure(groups=groups, layers=[], fixed_parts=fixed,
-                          param_slices=_all_slices(axis_graph, roles, names, fixed))
+                          param_slices=_all_slices(axis_graph, names, fixed))
     structure.layers = _layers(model, container, groups, layer_kinds)
     if structure.layers:
         structure.groups.append(Group(
@@ -312,8 +312,7 @@ def _owned_slices(roles: _Roles, atom: int, names: dict[int, str], fixed: dict[i
             for p, seg in roles.slices[atom]]
 
 
-def _all_slices(axis_graph: AxisGraph, roles: _Roles, names: dict[int, str],
-                fixed: dict[int, str]) -> dict[str, dict[int, list[ParamSlice]]]:
+def _all_slices(axis_graph: AxisGraph, names: dict[int, str], fixed: dict[int, str]) -> dict[str, dict[int, list[ParamSlice]]]:
     store = axis_graph.store
     out: dict[str, dict[int, list[ParamSlice]]] = {}
     for param, axes in axis_graph.param_axes.items():

@@ -30,25 +30,35 @@ Rule = Callable[["RuleContext"], Any]
 OP_RULES: dict[str, Rule] = {}
 
 
-def register(*names: str) -> Callable[[Rule], Rule]:
-    """Register a rule under aten names: 'aten.add' (every overload) or 'aten.add.Tensor'."""
+def _registrar(table: dict[str, Callable]) -> Callable[..., Callable[[Callable], Callable]]:
+    def register(*names: str) -> Callable[[Callable], Callable]:
+        def decorate(rule: Callable) -> Callable:
+            for name in names:
+                table[name] = rule
+            return rule
 
-    def decorate(rule: Rule) -> Rule:
-        for name in names:
-            OP_RULES[name] = rule
-        return rule
+        return decorate
 
-    return decorate
+    return register
+
+
+def _lookup(table: dict[str, Callable], target: Any) -> Callable | None:
+    """By aten name: the exact overload ('aten.add.Tensor') first, then every overload ('aten.add')."""
+    if target is operator.getitem:
+        return table.get("getitem")
+    name = str(target)
+    if name in table:
+        return table[name]
+    packet = getattr(target, "overloadpacket", None)
+    return table.get(str(packet)) if packet is not None else None
+
+
+register = _registrar(OP_RULES)
+"""Register a propagation rule under aten names: 'aten.add' (every overload) or 'aten.add.Tensor'."""
 
 
 def rule_for(target: Any) -> Rule | None:
-    if target is operator.getitem:
-        return OP_RULES.get("getitem")
-    name = str(target)
-    if name in OP_RULES:
-        return OP_RULES[name]
-    packet = getattr(target, "overloadpacket", None)
-    return OP_RULES.get(str(packet)) if packet is not None else None
+    return _lookup(OP_RULES, target)
 
 
 def _dim(dim: int, ndim: int) -> int:
@@ -492,23 +502,11 @@ def untracked(ctx: RuleContext) -> Axes | None:
 # A rewrite rule gets a RewriteContext (graphprune/rewrite.py) and returns the node's new args, or
 # None to leave them. Ops whose arguments hold no channel sizes need none.
 REWRITES: dict[str, Callable[[Any], tuple | None]] = {}
-
-
-def register_rewrite(*names: str) -> Callable:
-    def decorate(rule: Callable) -> Callable:
-        for name in names:
-            REWRITES[name] = rule
-        return rule
-
-    return decorate
+register_rewrite = _registrar(REWRITES)
 
 
 def rewrite_for(target: Any) -> Callable | None:
-    name = str(target)
-    if name in REWRITES:
-        return REWRITES[name]
-    packet = getattr(target, "overloadpacket", None)
-    return REWRITES.get(str(packet)) if packet is not None else None
+    return _lookup(REWRITES, target)
 
 
 @register_rewrite("aten.view", "aten._unsafe_view", "aten.reshape", "aten.expand")

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from .analysis import node_arg
 from .api import Analysis
 from .axes import Broadcast, Concat, Expr
 from .oprules import rewrite_for
@@ -27,11 +28,7 @@ class RewriteContext:
         self.store = analysis.axis_graph.store
 
     def arg(self, index: int, default: Any = ...) -> Any:
-        if index < len(self.node.args):
-            return self.node.args[index]
-        if default is ...:
-            raise IndexError(f"{self.node.target}: missing argument {index}")
-        return default
+        return node_arg(self.node, index, default)
 
     def out_axes(self) -> Any:
         return self.analysis.axis_graph.node_axes[self.node.name]

@@ -235,6 +235,9 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--final-probe-n", type=int, default=256)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="start from the model weights of another run's ckpt.pt (a new phase: fresh optimizer "
+                         "and schedule, e.g. with a larger --probe-frac); its tokens and time are carried over")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -265,6 +268,15 @@ def main() -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda_factory(args.warmup, args.steps, args.min_lr_ratio))
 
     step, tokens_seen, wall_before, history = 0, 0, 0.0, []
+    phase_1 = None
+    if args.init_from is not None and not (args.resume and ckpt_path.exists()):
+        previous = torch.load(args.init_from, map_location="cpu", weights_only=True)
+        model.load_state_dict(previous["model"])
+        tokens_seen, wall_before = previous["tokens_seen"], previous["wall_time"]
+        history = [{**h, "phase": 1} for h in previous["history"]]
+        phase_1 = {"checkpoint": str(args.init_from), "steps": previous["step"], "tokens": previous["tokens_seen"],
+                   "args": previous["args"]}
+        print(f"initialised from {args.init_from} (step {previous['step']}, {tokens_seen} tokens)", flush=True)
     if args.resume and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         for k in ("batch_size", "seq_len", "seed", "probe_frac"):
@@ -368,6 +380,7 @@ def main() -> None:
         "probe_eval": {"seq_len": args.seq_len, "n": args.final_probe_n, "seed": 20260101},
         "probe_accuracy": {k: round(v, 4) for k, v in probes.items()},
         "final_train_loss": history[-1]["loss"] if history else None,
+        "phase_1": phase_1,
     }
     (args.workdir / "final.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2), flush=True)
