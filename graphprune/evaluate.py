@@ -23,6 +23,8 @@ def perplexity(model: Any, ids: torch.Tensor, seq_len: int, batch_size: int = 8)
     inputs = windows[:-1].view(-1, seq_len)
     targets = windows[1:].view(-1, seq_len)
     total, count = 0.0, 0
+    device = next(model.parameters()).device
+    inputs, targets = inputs.to(device), targets.to(device)
     for start in range(0, len(inputs), batch_size):
         logits = model(input_ids=inputs[start:start + batch_size], use_cache=False).logits.float()
         total += F.cross_entropy(logits.flatten(0, 1), targets[start:start + batch_size].flatten(), reduction="sum").item()

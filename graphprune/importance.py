@@ -108,6 +108,7 @@ def collect_activations(model: nn.Module, sites: Iterable[ActivationSite], batch
 
 
 def _forward(model: nn.Module, ids: torch.Tensor):
+    ids = ids.to(next(model.parameters()).device)
     if hasattr(model, "config") and hasattr(model, "generation_config"):
         return model(input_ids=ids, use_cache=False).logits
     return model(ids)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .axes import Broadcast, Expr
+from .axes import Expr
 
 if TYPE_CHECKING:
     from .analysis import RuleContext

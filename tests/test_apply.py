@@ -1,7 +1,6 @@
 """`graphprune apply`: identity, slice == mask, reload, group-aware Mamba pruning, errors."""
 
 import json
-import math
 
 import pytest
 import torch
@@ -69,6 +68,14 @@ def test_written_checkpoint_reloads_in_transformers_and_matches(workspace, model
     for key, value in report["pruned"]["config"].items():
         if key in config:
             assert config[key] == value, key
+
+
+def test_replanning_reuses_cached_scores(workspace):
+    first, _ = run(workspace, "nemotron", {"ffn_hidden_size": 64}, "replan")
+    second, _ = run(workspace, "nemotron", {"ffn_hidden_size": 48}, "replan")
+    sources = [next(p for p in r["passes"] if p["name"] == "calibrate")["source"] for r in (first, second)]
+    assert sources == ["8 samples", "cache"]
+    assert set(second["groups"]["layers.1.ffn"]["kept"]) <= set(first["groups"]["layers.1.ffn"]["kept"])
 
 
 def test_ffn_slicing_equals_masking(workspace):

@@ -42,3 +42,21 @@ def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "graphprune.cli", "inspect", TINY, "--json"],
                          capture_output=True, text=True, check=True)
     assert json.loads(out.stdout)["params"] == json.loads(runner.invoke(app, ["inspect", TINY, "--json"]).stdout)["params"]
+
+
+def test_apply_dry_run_json_and_schema(tmp_path):
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"model": {"path": str(__import__("pathlib").Path(TINY).resolve())},
+                                "targets": {"hidden_size": 64, "mamba_num_heads": 4}}))
+    result = runner.invoke(app, ["apply", str(spec), "--dry-run", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["original"]["config"]["hidden_size"] == 128 and report["pruned"]["config"]["hidden_size"] == 64
+    assert report["pruned"]["config"]["mamba_num_heads"] == 4
+    assert report["pruned"]["params"] < report["original"]["params"]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"model": {"path": TINY}, "targets": {"mamba_num_heads": 5}}))
+    refused = runner.invoke(app, ["apply", str(bad), "--dry-run"])
+    assert refused.exit_code == 2 and "not a multiple of 2" in refused.output
+    schema = runner.invoke(app, ["schema"])
+    assert json.loads(schema.stdout)["title"] == "Spec"

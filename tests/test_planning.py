@@ -104,7 +104,6 @@ def test_missing_files_and_mismatched_tokenizer(checkpoint, tmp_path):
     bad_data.calibration.data.path = str(tmp_path / "nothing.txt")
     with pytest.raises(DataError, match="does not exist"):
         apply(bad_data, force=True)
-    from transformers import NemotronHConfig
     small_vocab = nemotron_h_config()
     small_vocab.vocab_size = 96
     write_checkpoint(small_vocab, tmp_path / "small")

@@ -1,7 +1,6 @@
 """The structure the analysis derives from the graph, for each family and a hand-written hybrid."""
 
 import pytest
-import torch
 
 from graphprune import analyze
 from models import hand_hybrid, tiny_llama, tiny_mamba2, tiny_nemotron_h
