@@ -81,6 +81,30 @@ def apply(
     _print_report(report)
 
 
+@app.command()
+def distill(
+    spec_path: Annotated[str, typer.Argument(metavar="SPEC", help="A spec with a 'distill' section.")],
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
+    until_step: Annotated[int | None, typer.Option(help="Stop after this step, with a checkpoint (planned preemption).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+) -> None:
+    """Distil the pruned student (spec `output`) from the teacher (spec `model`); torchrun-ready."""
+    from .distill import DistillError, run_distill
+
+    try:
+        summary = run_distill(load_spec(spec_path), resume=resume, until_step=until_step, console=stderr)
+    except (*USER_ERRORS, DistillError) as err:
+        raise _fail(err) from None
+    if int(__import__("os").environ.get("RANK", "0")) != 0:
+        return
+    if as_json:
+        sys.stdout.write(json.dumps(summary) + "\n")
+        return
+    Console().print(f"distilled {summary['steps']} steps, {summary['tokens']:,} tokens at "
+                    f"{summary['tokens_per_s']:.0f} tokens/s: loss {summary['final_loss']:.4f}, "
+                    f"held-out KD loss {summary['eval_loss']:.4f} -> {summary['student']}")
+
+
 @app.command("eval")
 def eval_command(
     model: Annotated[str, typer.Argument(help="A Hugging Face model folder (or hub id).")],
@@ -131,13 +155,21 @@ def _print_report(report: dict) -> None:
         table.add_row(key, str(before["config"][key]), str(after["config"].get(key, "")))
     ratio = after["params"] / before["params"]
     table.add_row("parameters", f"{before['params']:,}", f"{after['params']:,} ({ratio:.1%})")
+    console.print(table)
     evaluation = report.get("evaluation")
     if evaluation:
-        old, new = evaluation["original"], evaluation["pruned"]
-        table.add_row("perplexity", f"{old['perplexity']:.2f}", f"{new['perplexity']:.2f}")
-        for name in old["probes"]:
-            table.add_row(f"{name} accuracy", f"{old['probes'][name]:.3f}", f"{new['probes'][name]:.3f}")
-    console.print(table)
+        scores = Table(title="evaluation (held-out perplexity, probe accuracy)", title_justify="left")
+        scores.add_column("")
+        for label in evaluation:
+            scores.add_column(label, justify="right")
+        scores.add_row("perplexity", *(f"{e['perplexity']:.2f}" for e in evaluation.values()))
+        for probe in next(iter(evaluation.values()))["probes"]:
+            scores.add_row(f"{probe} accuracy", *(f"{e['probes'][probe]:.3f}" for e in evaluation.values()))
+        console.print(scores)
+    if report.get("distill"):
+        d = report["distill"]
+        console.print(f"distilled: {d['steps']} steps, {d['tokens']:,} tokens, {d['tokens_per_s']:.0f} tokens/s, "
+                      f"held-out KD loss {d['eval_loss']:.4f}")
     if report.get("dropped_layers"):
         console.print(f"dropped layers: {report['dropped_layers']}")
     if report.get("note"):

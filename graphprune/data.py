@@ -94,8 +94,10 @@ def check_vocabulary(tokenizer: Any, vocab_size: int, where: str) -> None:
 
 
 def token_samples(texts: list[str], tokenizer: Any, num_samples: int, seq_len: int, packing: bool,
-                  seed: int) -> torch.Tensor:
-    """[num_samples, seq_len] token ids. Packing concatenates documents (EOS between), no padding."""
+                  seed: int, allow_fewer: bool = False) -> torch.Tensor:
+    """[num_samples, seq_len] token ids. Packing concatenates documents (EOS between), no padding.
+
+    `allow_fewer` returns what the data gives (at least one sample) instead of failing."""
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
     eos = tokenizer.eos_token_id
@@ -112,6 +114,8 @@ def token_samples(texts: list[str], tokenizer: Any, num_samples: int, seq_len: i
             samples.append(ids[:seq_len])
         if len(samples) == num_samples:
             return torch.tensor(samples, dtype=torch.long)
+    if allow_fewer and samples:
+        return torch.tensor(samples, dtype=torch.long)
     raise DataError(f"the data gives only {len(samples)} samples of {seq_len} tokens"
                     f"{'' if packing else ' (unpacked: documents shorter than seq_len are skipped)'}, "
                     f"but num_samples={num_samples}; lower num_samples or seq_len, or add data")

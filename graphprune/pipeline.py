@@ -133,7 +133,12 @@ def pipeline_of(spec: Spec, dry_run: bool) -> list[tuple[str, dict[str, Any]]]:
         if dry_run:  # planning only: keep what runs without weights or data
             steps = [(n, a) for n, a in steps if n in DRY_RUN_PIPELINE]
         return steps
-    return [(name, {}) for name in (DRY_RUN_PIPELINE if dry_run else DEFAULT_PIPELINE)]
+    if dry_run:
+        return [(name, {}) for name in DRY_RUN_PIPELINE]
+    names = list(DEFAULT_PIPELINE)
+    if spec.distill is not None:  # recover the pruned model before it is verified
+        names.insert(names.index("verify"), "distill")
+    return [(name, {}) for name in names]
 
 
 class AtomicOutput:

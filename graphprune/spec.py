@@ -116,6 +116,54 @@ class PassSpec(_Strict):
     """Keyword arguments for the pass."""
 
 
+class DistillSpec(_Strict):
+    teacher: str | None = None
+    """Teacher model folder; default: `model.path` (the original model)."""
+    student: str | None = None
+    """Student model folder; default: `output` (the pruned model)."""
+    data: DataSpec | None = None
+    """Training text; default: the calibration data."""
+    tokenizer: str | None = None
+    """Default: the teacher's."""
+    holdout_fraction: float = Field(0.05, gt=0, lt=1)
+    """Share of the packed sequences kept out of training for eval_loss."""
+    seq_len: int = Field(512, ge=2)
+    micro_batch_size: int = Field(1, ge=1)
+    """Sequences per process per forward."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches per optimizer step (global batch = processes x micro_batch_size x grad_accum)."""
+    steps: int | None = Field(None, ge=1)
+    tokens: int | None = Field(None, ge=1)
+    """Token budget instead of steps (rounded up to whole steps)."""
+    lr: float = Field(1e-4, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """Cosine decay down to lr * min_lr_ratio."""
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    temperature: float = Field(1.0, gt=0)
+    """Softmax temperature of the logit KL (the paper: 1)."""
+    top_k: int | None = Field(None, ge=1)
+    """Distil only the teacher's top-k logits per token (renormalised)."""
+    kd_weight: float = Field(1.0, ge=0)
+    lm_weight: float = Field(0.0, ge=0)
+    """Weight of the next-token cross-entropy (the paper: 0, logit-only KD)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """float32, or bfloat16 autocast."""
+    grad_clip: float | None = Field(1.0, gt=0)
+    eval_every: int | None = Field(None, ge=1)
+    eval_batches: int = Field(4, ge=1)
+    checkpoint_every: int | None = Field(None, ge=1)
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    """Under torchrun: DistributedDataParallel or FSDP2 (fully_shard)."""
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _budget(self) -> DistillSpec:
+        if (self.steps is None) == (self.tokens is None):
+            raise ValueError("give exactly one of 'steps' or 'tokens'")
+        return self
+
+
 class Spec(_Strict):
     model: ModelSpec
     calibration: CalibrationSpec | None = None
@@ -128,6 +176,8 @@ class Spec(_Strict):
     """Python modules to import first; they register passes."""
     output: str | None = None
     """Directory for the pruned model and report.json (written atomically)."""
+    distill: DistillSpec | None = None
+    """Knowledge distillation of the pruned student from the teacher (`graphprune distill`, or a stage of apply)."""
 
 
 def load_spec(path: str | Path) -> Spec:
@@ -194,6 +244,11 @@ def resolve_paths(spec: Spec, base: Path) -> Spec:
             update={"data": data, "tokenizer": local(spec.calibration.tokenizer)})
     if spec.output is not None:
         update["output"] = str((base / spec.output).resolve())
+    if spec.distill is not None:
+        distill = spec.distill
+        data = distill.data.model_copy(update={"path": local(distill.data.path)}) if distill.data else None
+        update["distill"] = distill.model_copy(update={"teacher": local(distill.teacher), "student": local(distill.student),
+                                                       "tokenizer": local(distill.tokenizer), "data": data})
     return spec.model_copy(update=update)
 
 

@@ -3,4 +3,4 @@
 Importing this package registers them all; the default pipeline runs them in this order.
 """
 
-from . import calibrate, drop_layers, evaluate, materialize, plan, prune, score_depth, verify  # noqa: F401
+from . import calibrate, distill, drop_layers, evaluate, materialize, plan, prune, score_depth, verify  # noqa: F401

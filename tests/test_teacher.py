@@ -1,0 +1,26 @@
+"""The committed demo teacher loads with transformers' own class and still scores what was recorded."""
+
+import json
+
+import pytest
+
+from graphprune.demo.check import RECORD, TEACHER, teacher_figures
+
+pytestmark = pytest.mark.skipif(not (TEACHER / "model.safetensors").is_file(),
+                                reason="no trained teacher in graphprune/demo/teacher")
+
+
+def test_teacher_matches_its_recorded_figures():
+    recorded = json.loads(RECORD.read_text())
+    figures = teacher_figures()
+    assert figures["settings"] == recorded["settings"]
+    margin = recorded["margins"]
+    assert abs(figures["perplexity"] / recorded["perplexity"] - 1) <= margin["perplexity_relative"]
+    for name, accuracy in recorded["probes"].items():
+        assert abs(figures["probes"][name] - accuracy) <= margin["probe_absolute"], name
+
+
+def test_teacher_is_a_real_language_model():
+    summary = json.loads((TEACHER / "training_summary.json").read_text())
+    assert summary["model_class"] == "NemotronHForCausalLM"
+    assert summary["val_perplexity"] < summary["unigram_val_perplexity"] / 5
