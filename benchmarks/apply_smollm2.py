@@ -75,6 +75,7 @@ def main() -> None:
     spec = parse_spec({"model": {"path": str(checkpoint)},
                        "calibration": {"data": {"path": str(text)}, "num_samples": args.samples, "seq_len": args.seq_len},
                        "targets": TARGETS, "output": str(work / "pruned")})
+    shutil.rmtree(work / "pruned", ignore_errors=True)  # no score cache from an earlier run
     start = time.perf_counter()
     report = apply(spec, force=True)
     wall = time.perf_counter() - start

@@ -76,6 +76,8 @@ def preflight(ctx: PassContext) -> None:
         vocab = analysis.model.get_input_embeddings().num_embeddings if hasattr(analysis.model, "get_input_embeddings") \
             else next(m for m in analysis.model.modules() if isinstance(m, torch.nn.Embedding)).num_embeddings
         check_vocabulary(tokenizer, vocab, "calibration.tokenizer")
+    if spec.distill is not None and spec.distill.data is not None:
+        check_data(spec.distill.data, "distill.data")
 
 
 def _needs_calibration(spec: Spec) -> bool:
