@@ -67,7 +67,7 @@ class Analysis:
         }
 
 
-def count_params(model: nn.Module) -> int:
+def unique_params(model: nn.Module) -> int:
     """Unique parameters (tied weights once), as transformers' `num_parameters()` counts them."""
     return sum(p.numel() for p in model.parameters())
 
@@ -99,4 +99,4 @@ def analyze(
     structure = build_structure(axis_graph, model, layer_kinds)
     family = apply_adapter(structure, model)
     timings["analyze"] = time.perf_counter() - start
-    return Analysis(model, exported, axis_graph, structure, family, count_params(model), timings)
+    return Analysis(model, exported, axis_graph, structure, family, unique_params(model), timings)

@@ -33,10 +33,6 @@ class Plan:
     def shrunk(self, analysis: Analysis) -> list[Group]:
         return [g for g in analysis.groups if g.kind != "layer" and self.sizes[g.name] < g.size]
 
-    @property
-    def kept_layers_count(self) -> int:
-        return self.sizes["layers"]
-
 
 def plan_sizes(analysis: Analysis, targets: TargetsSpec) -> Plan:
     """Sizes for every group from the targets (or from a parameter budget), validated."""
