@@ -54,9 +54,14 @@ def main() -> None:
     # 1. bare compute on the first batches, then the real thing
     student = copy.deepcopy(pruned).train()
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
-    bare_steps = min(10, args.steps)
-    start = time.perf_counter()
-    for step in range(bare_steps):
+    warmup, bare_steps = 2, min(20, args.steps)
+
+    def timed_from(step: int) -> float:
+        return time.perf_counter() if step == warmup else start
+
+    start = 0.0
+    for step in range(warmup + bare_steps):
+        start = timed_from(step)
         ids = train[step * args.micro_batch:(step + 1) * args.micro_batch]
         with torch.no_grad():
             teacher_logits = teacher(input_ids=ids, use_cache=False).logits
@@ -64,7 +69,7 @@ def main() -> None:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    bare_tokens_per_s = bare_steps * args.micro_batch * args.seq_len / (time.perf_counter() - start)
+    bare_tokens_per_s = bare_steps * args.micro_batch * args.seq_len / (time.perf_counter() - start)  # after warm-up
 
     results = {}
     for label, weights in (("kd", {"kd_weight": 1.0, "lm_weight": 0.0}), ("lm", {"kd_weight": 0.0, "lm_weight": 1.0})):
