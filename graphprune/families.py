@@ -23,7 +23,7 @@ class FamilyAdapter:
     name: str
     model_types: tuple[str, ...]
     config_keys: dict[str, str]
-    # group kind -> (config attribute the group size must equal, per-unit factor)
+    # group kind -> [(group attribute, or "fixed.<part>"; the config key it must equal)]
     expected: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
 
     def layer_kinds(self, config: Any) -> list[str] | None:
@@ -58,7 +58,7 @@ class FamilyAdapter:
         for group in structure.groups:
             for attribute, key in self.expected.get(group.kind, []):
                 want = _config_value(config, key)
-                have = getattr(group, attribute) if attribute != "fixed.ssm_state" else group.fixed.get("ssm_state")
+                have = group.fixed.get(attribute[6:]) if attribute.startswith("fixed.") else getattr(group, attribute)
                 if want is not None and have != want:
                     raise FamilyMismatch(
                         f"{self.name}: group {group.name} has {attribute}={have} but config {key}={want}"
