@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .analysis import AxisGraph, propagate
+from .analysis import AxisGraph, ConvSource, conv_sources, propagate
 from .families import FamilyAdapter, adapter_for, apply_adapter
 from .groups import Group, Layer, Structure, build_structure
 from .trace import load_model, trace
@@ -45,13 +46,19 @@ class Analysis:
 
     def slice_name(self, name: str) -> str | None:
         """The name under which the analysis knows a parameter or buffer (tied weights have several)."""
+        return self._slice_names.get(name)
+
+    @cached_property
+    def _slice_names(self) -> dict[str, str]:
         slices = self.structure.param_slices
-        if name in slices:
-            return name
-        tensors = {**dict(self.model.named_parameters(remove_duplicate=False)),
-                   **dict(self.model.named_buffers(remove_duplicate=False))}
-        target = tensors.get(name)
-        return next((n for n, t in tensors.items() if t is target and n in slices), None)
+        tensors = [*self.model.named_parameters(remove_duplicate=False), *self.model.named_buffers(remove_duplicate=False)]
+        known = {id(t): n for n, t in tensors if n in slices}
+        return {n: known[id(t)] for n, t in tensors if id(t) in known}
+
+    @cached_property
+    def conv_sources(self) -> list[ConvSource]:
+        """Depthwise convs and the linear rows feeding them (the x slice of each Mamba in_proj)."""
+        return conv_sources(self.exported)
 
     def groups_of_kind(self, kind: str) -> list[Group]:
         return [g for g in self.groups if g.kind == kind]

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .analysis import conv_sources
 from .api import Analysis
 from .groups import Group, ParamSlice
 from .slicing import unit_labels
@@ -66,7 +65,7 @@ def _mamba_x_slices(analysis: Analysis, group: Group) -> list[ParamSlice]:
     by_param = {}
     for s in group.slices:
         by_param.setdefault((s.param, s.dim), []).append(s)
-    for source in conv_sources(analysis.exported):
+    for source in analysis.conv_sources:
         conv_slices = by_param.get((source.conv_weight, 0), [])
         linear_slices = by_param.get((source.linear_weight, 0), [])
         for conv_slice in conv_slices:

@@ -17,6 +17,12 @@ class SpecError(Exception):
     """The spec is invalid; the message names the JSON path and what would be valid."""
 
 
+def _exactly_one(model: BaseModel, first: str, second: str, what: str) -> BaseModel:
+    if (getattr(model, first) is None) == (getattr(model, second) is None):
+        raise ValueError(f"give exactly one of {what}")
+    return model
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
@@ -44,9 +50,7 @@ class DataSpec(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSpec:
-        if (self.path is None) == (self.dataset is None):
-            raise ValueError("give exactly one of 'path' (a local file) or 'dataset' (a hub id)")
-        return self
+        return _exactly_one(self, "path", "dataset", "'path' (a local file) or 'dataset' (a hub id)")
 
 
 class CalibrationSpec(_Strict):
@@ -159,9 +163,7 @@ class DistillSpec(_Strict):
 
     @model_validator(mode="after")
     def _budget(self) -> DistillSpec:
-        if (self.steps is None) == (self.tokens is None):
-            raise ValueError("give exactly one of 'steps' or 'tokens'")
-        return self
+        return _exactly_one(self, "steps", "tokens", "'steps' or 'tokens'")
 
 
 class Spec(_Strict):
