@@ -117,7 +117,7 @@ def _report(ctx: PassContext, started: float) -> dict[str, Any]:
         "pruned": {"params": count_params(analysis, plan.sizes, dropped) if plan else analysis.params,
                    "config": config_summary(analysis, pruned_config, plan.sizes if plan else original_sizes)},
         "groups": ctx.report.get("groups", {}),
-        **{key: ctx.report[key] for key in ("evaluation", "distill") if key in ctx.report},
+        **{key: ctx.report[key] for key in ("evaluation", "distill", "bench", "export") if key in ctx.report},
         "dropped_layers": dropped,
         "passes": ctx.report.get("passes", []),
         "seconds_per_pass": {"analyze": round(sum(analysis.timings.values()), 3), **ctx.report.get("seconds_per_pass", {})},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from collections import Counter
 from typing import Annotated
 
@@ -24,6 +25,11 @@ from .trace import LoadError, TraceError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Structured pruning of hybrid LMs as graph rewrites.")
 stderr = Console(stderr=True)
 USER_ERRORS = (LoadError, TraceError, AnalysisError, FamilyMismatch, SpecError, DataError, PlanError, PipelineError)
+
+
+def _console() -> Console:
+    """Standard output; wide enough for the tables when it is not a terminal."""
+    return Console() if Console().is_terminal else Console(width=160)
 
 
 def _fail(err: Exception) -> typer.Exit:
@@ -140,13 +146,85 @@ def eval_command(
 
 
 @app.command()
+def export(
+    model: Annotated[str, typer.Argument(help="A Hugging Face model folder (or hub id).")],
+    fmt: Annotated[str, typer.Option("--format", help="hf | onnx | trtllm")],
+    out: Annotated[str, typer.Option("--out", help="Output folder (written atomically).")],
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
+    input_len: Annotated[int, typer.Option(help="trtllm: prompt tokens per benchmark request.")] = 128,
+    output_len: Annotated[int, typer.Option(help="trtllm: generated tokens per benchmark request.")] = 128,
+    num_requests: Annotated[int, typer.Option(help="trtllm: requests in the benchmark dataset.")] = 256,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+) -> None:
+    """Write MODEL for deployment: a Hugging Face checkpoint, ONNX prefill/decode graphs, or TensorRT-LLM."""
+    from .export import ExportError, export_path
+
+    options = {"input_len": input_len, "output_len": output_len, "num_requests": num_requests} if fmt == "trtllm" else {}
+    try:
+        with stderr.status(f"exporting {fmt}..."):
+            summary = export_path(model, fmt, Path(out), force=force, **options)
+    except (*USER_ERRORS, ExportError, OSError) as err:
+        raise _fail(err) from None
+    if as_json:
+        sys.stdout.write(json.dumps(summary) + "\n")
+        return
+    Console().print(f"{fmt}: wrote {summary['folder']} ({', '.join(summary['files'])})")
+
+
+@app.command()
+def bench(
+    models: Annotated[list[str], typer.Argument(help="Model folders; ratios are taken against the first.")],
+    engine: Annotated[str, typer.Option(help="torch | onnxruntime | trtllm")] = "torch",
+    batch: Annotated[int, typer.Option(help="Sequences per batch.")] = 1,
+    input_len: Annotated[int, typer.Option(help="Prompt tokens per sequence.")] = 128,
+    output_len: Annotated[int, typer.Option(help="Generated tokens per sequence (1 prefill + decode steps).")] = 32,
+    repeats: Annotated[int, typer.Option(help="Timed runs per model (after one warm-up); the median is reported.")] = 3,
+    device: Annotated[str, typer.Option(help="torch engine: cpu or cuda.")] = "cpu",
+    threads: Annotated[int | None, typer.Option(help="CPU threads per model.")] = None,
+    plot_path: Annotated[str, typer.Option("--plot", help="PNG plot of tokens/s ('' for none).")] = "bench.png",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+) -> None:
+    """Prefill and decode tokens/s and peak memory of MODELS, each in its own process, side by side."""
+    from .bench import BenchError, BenchSettings, bench as run_bench, plot
+
+    settings = BenchSettings(engine=engine, batch=batch, input_len=input_len, output_len=output_len,
+                             repeats=repeats, device=device, threads=threads)
+    try:
+        with stderr.status("benchmarking...") as status:
+            report = run_bench(models, settings, progress=lambda what: status.update(f"benchmarking {what}..."))
+    except BenchError as err:
+        raise _fail(err) from None
+    if plot_path:
+        plot(report, Path(plot_path))
+    if as_json:
+        sys.stdout.write(json.dumps(report) + "\n")
+        return
+    _console().print(bench_table(report))
+    if plot_path:
+        Console().print(f"plot: {plot_path}")
+
+
+def bench_table(report: dict, title: str | None = None) -> Table:
+    settings = report["settings"]
+    table = Table(title=title or f"{settings['engine']}: batch {settings['batch']}, input {settings['input_len']}, "
+                  f"output {settings['output_len']}, median of {settings['repeats']}", title_justify="left")
+    for column in ("model", "params", "prefill tok/s", "decode tok/s", "peak memory", "speed-up", "ideal"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for r in report["results"]:
+        table.add_row(r["model"], f"{r['params']:,}", f"{r['prefill_tokens_per_s']:,.0f}",
+                      f"{r['decode_tokens_per_s']:,.1f}", f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB",
+                      f"{r['speedup_vs_first']:.2f}x", f"{r['ideal_speedup_vs_first']:.2f}x")
+    return table
+
+
+@app.command()
 def schema() -> None:
     """Print the JSON Schema of pruning specs (kept in specs/schema.json)."""
     sys.stdout.write(json.dumps(json_schema(), indent=2) + "\n")
 
 
 def _print_report(report: dict) -> None:
-    console = Console() if Console().is_terminal else Console(width=160)
+    console = _console()
     table = Table(title="dry run: planned configuration" if report["dry_run"] else "pruned", title_justify="left")
     for column in ("", "original", "pruned"):
         table.add_column(column, justify="left" if not column else "right")
@@ -170,6 +248,10 @@ def _print_report(report: dict) -> None:
         d = report["distill"]
         console.print(f"distilled: {d['steps']} steps, {d['tokens']:,} tokens, {d['tokens_per_s']:.0f} tokens/s, "
                       f"held-out KD loss {d['eval_loss']:.4f}")
+    for engine, bench_report in report.get("bench", {}).items():
+        console.print(bench_table(bench_report, title=f"speed ({engine}): prefill and decode tokens/s"))
+    if report.get("export"):
+        console.print("exported: " + ", ".join(f"{fmt} -> {path}" for fmt, path in report["export"].items()))
     if report.get("dropped_layers"):
         console.print(f"dropped layers: {report['dropped_layers']}")
     if report.get("note"):
@@ -181,7 +263,7 @@ def _print_report(report: dict) -> None:
 
 
 def _print_analysis(analysis: Analysis, every_layer: bool) -> None:
-    console = Console() if Console().is_terminal else Console(width=160)
+    console = _console()
     table = Table(title=f"{type(analysis.model).__name__}: prunable groups", title_justify="left")
     for column in ("group", "kind", "layers", "size", "balanced over", "unit", "params", "fixed", "config key"):
         table.add_column(column, justify="right" if column in ("size", "unit", "params", "balanced over") else "left",

@@ -338,11 +338,9 @@ def progress_printer(steps: int, console: Any, world: World) -> tuple[Any, Calla
 
 def write_student(student: nn.Module, folder: Path, summary: dict[str, Any]) -> None:
     """Replace the model files in `folder` (each file atomically), keeping the rest (report, tokenizer)."""
-    temporary = folder.parent / f".{folder.name}.distilled-{os.getpid()}"
-    student.save_pretrained(temporary)
-    for item in temporary.iterdir():
-        os.replace(item, folder / item.name)
-    temporary.rmdir()
+    from .export.hf import write_hf_checkpoint
+
+    write_hf_checkpoint(student, folder)
     (folder / "distill.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
 
 

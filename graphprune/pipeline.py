@@ -138,6 +138,7 @@ def pipeline_of(spec: Spec, dry_run: bool) -> list[tuple[str, dict[str, Any]]]:
     names = list(DEFAULT_PIPELINE)
     if spec.distill is not None:  # recover the pruned model before it is verified
         names.insert(names.index("verify"), "distill")
+    names += [name for name in ("export", "bench") if getattr(spec, name) is not None]
     return [(name, {}) for name in names]
 
 

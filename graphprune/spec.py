@@ -166,6 +166,29 @@ class DistillSpec(_Strict):
         return _exactly_one(self, "steps", "tokens", "'steps' or 'tokens'")
 
 
+class ExportSpec(_Strict):
+    formats: list[Literal["hf", "onnx", "trtllm"]] = Field(default_factory=lambda: ["onnx", "trtllm"], min_length=1)
+    """Back ends written into `<output>/export/<format>` after everything else (`graphprune export`)."""
+    input_len: int = Field(128, ge=1)
+    """trtllm: prompt tokens per request in the benchmark dataset."""
+    output_len: int = Field(128, ge=1)
+    """trtllm: generated tokens per request in the benchmark dataset."""
+    num_requests: int = Field(256, ge=1)
+    """trtllm: requests in the benchmark dataset."""
+
+
+class BenchSpec(_Strict):
+    engines: list[Literal["torch", "onnxruntime", "trtllm"]] = Field(default_factory=lambda: ["torch"], min_length=1)
+    """Engines that measure the original against the pruned model (`graphprune bench`)."""
+    batch: int = Field(1, ge=1)
+    input_len: int = Field(128, ge=1)
+    output_len: int = Field(32, ge=1)
+    repeats: int = Field(3, ge=1)
+    """Timed runs per model (after one warm-up); the median is reported."""
+    threads: int | None = Field(None, ge=1)
+    """CPU threads per model (default: torch's default)."""
+
+
 class Spec(_Strict):
     model: ModelSpec
     calibration: CalibrationSpec | None = None
@@ -180,6 +203,10 @@ class Spec(_Strict):
     """Directory for the pruned model and report.json (written atomically)."""
     distill: DistillSpec | None = None
     """Knowledge distillation of the pruned student from the teacher (`graphprune distill`, or a stage of apply)."""
+    export: ExportSpec | None = None
+    """Deployment formats written at the end of apply."""
+    bench: BenchSpec | None = None
+    """Speed of the original against the pruned model, measured at the end of apply."""
 
 
 def load_spec(path: str | Path) -> Spec:

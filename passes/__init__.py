@@ -3,4 +3,6 @@
 Importing this package registers them all; the default pipeline runs them in this order.
 """
 
-from . import calibrate, distill, drop_layers, evaluate, materialize, plan, prune, score_depth, verify  # noqa: F401
+from . import (  # noqa: F401
+    bench, calibrate, distill, drop_layers, evaluate, export, materialize, plan, prune, score_depth, verify,
+)

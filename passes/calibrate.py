@@ -12,7 +12,8 @@ from graphprune.data import calibration_batches, load_tokenizer
 from graphprune.importance import activation_sites, collect_activations
 from graphprune.pipeline import PassContext, PassResult, register_pass
 
-SCORES_FILE = "scores.safetensors"
+# Not a top-level *.safetensors: runtimes (TensorRT-LLM, vLLM) load every such file as model weights.
+SCORES_FILE = "scores/activations.safetensors"
 KIND_METHOD = {"hidden": "hidden", "ffn": "ffn", "mamba_heads": "mamba", "attention_heads": "attention"}
 
 
@@ -51,7 +52,7 @@ def cached_scores(path: Path, expected: str) -> dict | None:
 
 @register_pass("calibrate", provides=("activations",))
 def calibrate(ctx: PassContext) -> PassResult:
-    """Gather activation scores with forward hooks (cached in the output's scores.safetensors)."""
+    """Gather activation scores with forward hooks (cached in the output's scores/activations.safetensors)."""
     sites = needed_sites(ctx)
     if not sites:
         return PassResult(summary={"sites": 0})
@@ -70,5 +71,6 @@ def calibrate(ctx: PassContext) -> PassResult:
                                                   lambda n: bar.advance(bar.task_ids[0], n))
         source = f"{total} samples"
     if ctx.workdir is not None:
+        (ctx.workdir / SCORES_FILE).parent.mkdir(exist_ok=True)
         save_file(ctx.activations, str(ctx.workdir / SCORES_FILE), metadata={"fingerprint": print_key})
     return PassResult(summary={"sites": len(sites), "source": source})

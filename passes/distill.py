@@ -9,6 +9,7 @@ from pathlib import Path
 
 from graphprune.data import load_tokenizer
 from graphprune.distill import distill as run, progress_printer, total_steps, training_samples, World
+from graphprune.export.hf import write_hf_checkpoint
 from graphprune.pipeline import PassContext, PassResult, PipelineError, register_pass
 
 
@@ -31,7 +32,7 @@ def distill(ctx: PassContext) -> PassResult:
         shutil.rmtree(workdir, ignore_errors=True)
     ctx.pruned_model.eval()
     if ctx.workdir is not None:
-        ctx.pruned_model.save_pretrained(ctx.workdir)
+        write_hf_checkpoint(ctx.pruned_model, ctx.workdir)
         (ctx.workdir / "distill.json").write_text(json.dumps({**result.summary(), "log": result.log}, indent=2) + "\n")
     ctx.report["distill"] = result.summary()
     return PassResult(changed=True, summary=result.summary())

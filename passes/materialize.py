@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
-
-
 
 import torch
 
+from graphprune.export.hf import copy_tokenizer, write_hf_checkpoint
 from graphprune.pipeline import PassContext, PassResult, PipelineError, register_pass
 from graphprune.trace import example_inputs
 from graphprune.planning import config_values
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 
 
 def pruned_config(ctx: PassContext):
@@ -45,11 +39,11 @@ def materialize(ctx: PassContext) -> PassResult:
                             f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     ctx.pruned_model = model
     if ctx.workdir is not None:
-        model.save_pretrained(ctx.workdir)
-        config_path = ctx.workdir / "config.json"
-        data = json.loads(config_path.read_text()) | analysis.family.export_extras(config)
-        config_path.write_text(json.dumps(data, indent=2) + "\n")
-        copy_tokenizer(Path(ctx.spec.model.path), ctx.workdir, ctx.spec.calibration.tokenizer if ctx.spec.calibration else None)
+        write_hf_checkpoint(model, ctx.workdir)
+        # the model's tokenizer, else the calibration one, so that the output is self-contained
+        calibration_tokenizer = ctx.spec.calibration.tokenizer if ctx.spec.calibration else None
+        if not copy_tokenizer(Path(ctx.spec.model.path), ctx.workdir) and calibration_tokenizer:
+            copy_tokenizer(Path(calibration_tokenizer), ctx.workdir)
     return PassResult(changed=True, summary={"params": sum(p.numel() for p in model.parameters()),
                                              "class": type(model).__name__})
 
@@ -67,17 +61,3 @@ def _save_graph(ctx: PassContext) -> PassResult:
         torch.export.save(exported, ctx.workdir / GRAPH_FILE)
     params = sum(p.numel() for p in ctx.pruned_model.parameters())
     return PassResult(changed=True, summary={"params": params, "class": "torch.export graph", "file": GRAPH_FILE})
-
-
-def copy_tokenizer(model_dir: Path, out: Path, tokenizer: str | None) -> None:
-    """The model's tokenizer files; else the calibration tokenizer, so the output is self-contained."""
-    source = model_dir if model_dir.is_dir() and any((model_dir / f).is_file() for f in TOKENIZER_FILES) else None
-    if source is None and tokenizer and Path(tokenizer).is_dir():
-        source = Path(tokenizer)
-    if source is None:
-        return
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copy2(source / name, out / name)
-
-

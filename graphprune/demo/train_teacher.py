@@ -110,13 +110,13 @@ def make_batch(step: int, args, stream: torch.Tensor):
     tgt = torch.empty(B, T, dtype=torch.long)
     is_probe = torch.rand(B, generator=g) < args.probe_frac
     kinds = torch.randint(0, 3, (B,), generator=g)
-    kvs = torch.randint(0, len(MQAR_TRAIN_KV), (B,), generator=g)
+    kvs = torch.randint(0, len(args.mqar_kv), (B,), generator=g)
     starts = torch.randint(0, len(stream) - T - 1, (B,), generator=g)
     pseeds = torch.randint(0, 2**31 - 1, (B,), generator=g)
     for b in range(B):
         if is_probe[b]:
             name = P.PROBES[int(kinds[b])]
-            kw = {"num_kv": MQAR_TRAIN_KV[int(kvs[b])]} if name == "mqar" else {}
+            kw = {"num_kv": args.mqar_kv[int(kvs[b])]} if name == "mqar" else {}
             pb = P.make_probe(name, 1, T, int(pseeds[b]), **kw)
             ids[b], tgt[b] = pb.input_ids[0], pb.targets[0]
         else:
@@ -225,6 +225,8 @@ def main() -> None:
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--grad-clip", type=float, default=1.0)
     ap.add_argument("--probe-frac", type=float, default=0.25)
+    ap.add_argument("--mqar-kv", type=int, nargs="+", default=list(MQAR_TRAIN_KV),
+                    help="MQAR key-value pair counts drawn uniformly for training rows")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/demo_teacher_run"))
@@ -343,7 +345,7 @@ def main() -> None:
             t_log, loss_acc, n_acc = time.time(), 0.0, 0
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
             ppl, _ = eval_ppl(model, valid_stream, args.seq_len, max_windows=32)
-            pr = probe_report(model, args.seq_len, 32, seed=12345)
+            pr = probe_report(model, max(args.seq_len, 2 + 4 * max(EVAL_MQAR_KV)), 32, seed=12345)
             rec = {"step": step, "val_ppl_32win": round(ppl, 3), **{k: round(v, 4) for k, v in pr.items()}}
             print("eval", json.dumps(rec), flush=True)
             history.append(rec)

@@ -1,0 +1,57 @@
+"""The Hugging Face checkpoint: the one writer every graphprune output goes through.
+
+`save_pretrained` writes the hub weight layout (Nemotron-H: ``backbone.*``) and safetensors; on top
+of it the family adds the config keys other runtimes read and transformers does not write
+(TensorRT-LLM and vLLM: ``hybrid_override_pattern``, ``num_hidden_layers``, ``attention_head_dim``,
+``rms_norm_eps``; FORMATS.md), and the tokenizer files are copied so the folder is self-contained.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+
+
+def config_extras(model: nn.Module) -> dict[str, Any]:
+    """The family's extra config keys for `model` (none for models without an adapter)."""
+    from graphprune.families import adapter_for
+
+    family = adapter_for(model)
+    return family.export_extras(model.config) if family is not None else {}
+
+
+def write_hf_checkpoint(model: nn.Module, folder: Path, tokenizer_from: str | Path | None = None) -> None:
+    """Write `model` into `folder` (created if needed; model files replaced one by one, each atomically)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    temporary = folder.parent / f".{folder.name}.writing-{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    try:
+        model.save_pretrained(temporary, safe_serialization=True)
+        config_path = temporary / "config.json"
+        config_path.write_text(json.dumps(json.loads(config_path.read_text()) | config_extras(model),
+                                          indent=2) + "\n")
+        for item in temporary.iterdir():
+            os.replace(item, folder / item.name)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    if tokenizer_from is not None:
+        copy_tokenizer(Path(tokenizer_from), folder)
+
+
+def copy_tokenizer(source: Path, out: Path) -> bool:
+    """Copy the tokenizer files of folder `source` into `out`; False when `source` has none."""
+    if not source.is_dir() or not any((source / name).is_file() for name in TOKENIZER_FILES):
+        return False
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, out / name)
+    return True

@@ -1,0 +1,290 @@
+"""`graphprune bench`: prefill and decode throughput and peak memory of models side by side.
+
+Each model runs in its own worker process (``python -m graphprune.bench``), so that peak memory is the
+model's own and one model's threads or caches cannot slow the next.  A run is: warm-up runs, then
+``repeats`` timed runs of one prefill of ``batch x input_len`` random tokens followed by
+``output_len - 1`` greedy decode steps; the medians give tokens/s.  Ratios are taken against the
+first model, next to the ideal speed-up from the ratio of matmul parameters (embedding lookups cost
+no FLOPs; on the torch engine every other weight is read once per token).
+
+Engines: ``torch`` (transformers' own forward with its cache; on CUDA it uses mamba-ssm's kernels
+when they import), ``onnxruntime`` (the prefill/decode graphs of `graphprune export --format onnx`;
+a model folder is exported to a temporary folder first) and ``trtllm`` (TensorRT-LLM's LLM API, GPU).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+ENGINES = ("torch", "onnxruntime", "trtllm")
+
+
+class BenchError(RuntimeError):
+    """A benchmark that cannot run as asked (missing engine, unsupported model, failed worker)."""
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    engine: str = "torch"
+    batch: int = 1
+    input_len: int = 128
+    output_len: int = 32
+    repeats: int = 3
+    warmup: int = 1
+    device: str = "cpu"
+    threads: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class BenchResult:
+    model: str
+    engine: str
+    params: int
+    matmul_params: int
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    peak_memory_bytes: int
+    prefill_seconds: list[float]
+    decode_seconds: list[float]
+    speedup_vs_first: float = 1.0
+    prefill_speedup_vs_first: float = 1.0
+    decode_speedup_vs_first: float = 1.0
+    ideal_speedup_vs_first: float = 1.0
+
+
+def bench(models: list[str], settings: BenchSettings, progress: Callable[[str], None] | None = None,
+          labels: list[str] | None = None) -> dict[str, Any]:
+    """Benchmark every model in its own process; returns {"settings", "results"} with ratios to the first.
+
+    `labels` name the models in the results (default: their paths)."""
+    if settings.engine not in ENGINES:
+        raise BenchError(f"--engine: unknown engine {settings.engine!r}; choose from {', '.join(ENGINES)}")
+    if min(settings.batch, settings.input_len, settings.output_len, settings.repeats) < 1:
+        raise BenchError("--batch, --input-len, --output-len and --repeats must all be at least 1")
+    results = []
+    for model, label in zip(models, labels or models):
+        if progress:
+            progress(f"{settings.engine}: {label}")
+        result = _run_worker(model, settings)
+        result.model = label
+        results.append(result)
+    add_ratios(results)
+    return {"settings": asdict(settings), "results": [asdict(r) for r in results]}
+
+
+def add_ratios(results: list[BenchResult]) -> None:
+    """Speed-ups against the first model: end to end (prefill + decode time), per phase, and ideal."""
+    first = results[0]
+    for result in results:
+        result.prefill_speedup_vs_first = result.prefill_tokens_per_s / first.prefill_tokens_per_s
+        result.decode_speedup_vs_first = result.decode_tokens_per_s / first.decode_tokens_per_s
+        total = statistics.median(result.prefill_seconds) + statistics.median(result.decode_seconds)
+        first_total = statistics.median(first.prefill_seconds) + statistics.median(first.decode_seconds)
+        result.speedup_vs_first = first_total / total
+        result.ideal_speedup_vs_first = first.matmul_params / result.matmul_params
+
+
+def _run_worker(model: str, settings: BenchSettings) -> BenchResult:
+    env = dict(os.environ)
+    if settings.threads:
+        env["OMP_NUM_THREADS"] = str(settings.threads)
+    command = [sys.executable, "-m", "graphprune.bench", model, json.dumps(asdict(settings))]
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        message = done.stderr.strip().splitlines()
+        raise BenchError(f"benchmark of {model} failed: {message[-1] if message else 'no output'}")
+    return BenchResult(**json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+# ------------------------------------------------------------------------------------------ worker side
+
+
+def _measure(settings: BenchSettings, prefill: Callable[[], Any], decode: Callable[[Any], None],
+             sync: Callable[[], None]) -> tuple[list[float], list[float]]:
+    """Medians need repeats; warm-up runs first. `prefill()` returns the state `decode(state)` continues."""
+    prefill_times, decode_times = [], []
+    for run in range(settings.warmup + settings.repeats):
+        start = time.perf_counter()
+        state = prefill()
+        sync()
+        middle = time.perf_counter()
+        decode(state)
+        sync()
+        end = time.perf_counter()
+        if run >= settings.warmup:
+            prefill_times.append(middle - start)
+            decode_times.append(end - middle)
+    return prefill_times, decode_times
+
+
+def _prompt(settings: BenchSettings, vocab: int):
+    import torch
+
+    generator = torch.Generator().manual_seed(settings.seed)
+    return torch.randint(0, vocab, (settings.batch, settings.input_len), generator=generator)
+
+
+def _torch_engine(path: str, settings: BenchSettings):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    dtype = torch.bfloat16 if settings.device.startswith("cuda") else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(settings.device).eval()
+    ids = _prompt(settings, model.config.vocab_size).to(settings.device)
+    cuda = settings.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    @torch.no_grad()
+    def prefill():
+        out = model(input_ids=ids, use_cache=True)
+        return out.cache if hasattr(out, "cache") else out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+    @torch.no_grad()
+    def decode(state):
+        cache, token = state
+        for _ in range(settings.output_len - 1):
+            out = model(input_ids=token, cache=cache, use_cache=True)
+            cache, token = (out.cache if hasattr(out, "cache") else out.past_key_values), out.logits.argmax(-1)
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = _measure(settings, prefill, decode, sync)
+    peak = torch.cuda.max_memory_allocated() if cuda else None
+    return model, times, peak
+
+
+def _onnx_engine(path: str, settings: BenchSettings):
+    from transformers import AutoModelForCausalLM
+
+    from .export.onnx import MANIFEST, OnnxGenerator, export_onnx
+
+    folder = Path(path)
+    temporary = None
+    model = None
+    if not (folder / MANIFEST).is_file():
+        if not (folder / "config.json").is_file():
+            raise BenchError(f"{path}: neither an ONNX export folder ({MANIFEST}) nor a Hugging Face model folder")
+        model = AutoModelForCausalLM.from_pretrained(path)
+        temporary = tempfile.TemporaryDirectory(prefix="graphprune-bench-onnx-")
+        export_onnx(model, Path(temporary.name))
+        folder = Path(temporary.name)
+    generator = OnnxGenerator(folder, threads=settings.threads)
+    ids = _prompt(settings, generator.manifest["vocab_size"]).numpy()
+
+    def prefill():
+        logits, state = generator.prefill(ids)
+        return logits[:, -1:].argmax(-1), state
+
+    def decode(carry):
+        token, state = carry
+        for _ in range(settings.output_len - 1):
+            logits, state = generator.decode(token, state)
+            token = logits[:, -1:].argmax(-1)
+
+    times = _measure(settings, prefill, decode, lambda: None)
+    return model, times, None
+
+
+def _trtllm_engine(path: str, settings: BenchSettings):
+    try:
+        from tensorrt_llm import LLM, SamplingParams
+        from tensorrt_llm.llmapi import KvCacheConfig
+    except ImportError as err:
+        raise BenchError(f"--engine trtllm needs tensorrt_llm, which imports only on a GPU machine "
+                         f"(pip install 'graphprune[trtllm]'): {err}") from None
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    llm = LLM(model=path, kv_cache_config=KvCacheConfig(enable_block_reuse=False, mamba_ssm_cache_dtype="float32"))
+    prompts = [row.tolist() for row in _prompt(settings, config.vocab_size)]
+
+    def generate(tokens: int):
+        llm.generate(prompts, SamplingParams(max_tokens=tokens, ignore_eos=True), use_tqdm=False)
+
+    # TensorRT-LLM runs prefill and decode inside one call: decode time = time(T tokens) - time(1 token).
+    def prefill():
+        generate(1)
+
+    def decode(_):
+        generate(settings.output_len)
+
+    prefill_times, full_times = _measure(settings, prefill, decode, lambda: None)
+    decode_times = [max(full - first, 1e-9) for full, first in zip(full_times, prefill_times)]
+    return None, (prefill_times, decode_times), None
+
+
+def _param_counts(path: str, model: Any) -> tuple[int, int]:
+    """(all parameters, matmul parameters: all but the input embedding) of a model or its folder."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if model is None:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    total = sum(p.numel() for p in model.parameters())
+    return total, total - model.get_input_embeddings().weight.numel()
+
+
+def worker(path: str, settings: BenchSettings) -> BenchResult:
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    engine = {"torch": _torch_engine, "onnxruntime": _onnx_engine, "trtllm": _trtllm_engine}[settings.engine]
+    model, (prefill_times, decode_times), device_peak = engine(path, settings)
+    peak = device_peak if device_peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+    total, matmul = _param_counts(path, model)
+    decode_tokens = settings.batch * max(settings.output_len - 1, 1)
+    return BenchResult(
+        model=path, engine=settings.engine, params=total, matmul_params=matmul,
+        prefill_tokens_per_s=settings.batch * settings.input_len / statistics.median(prefill_times),
+        decode_tokens_per_s=decode_tokens / statistics.median(decode_times),
+        peak_memory_bytes=int(peak), prefill_seconds=prefill_times, decode_seconds=decode_times)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Prefill and decode tokens/s per model as grouped bars, annotated with the speed-up vs the first."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = report["results"]
+    names = [Path(r["model"]).name or r["model"] for r in results]
+    figure, axes = plt.subplots(1, 2, figsize=(4 + 2 * len(results), 4))
+    for axis, phase in zip(axes, ("prefill", "decode")):
+        values = [r[f"{phase}_tokens_per_s"] for r in results]
+        bars = axis.bar(range(len(values)), values, color=["#777777"] + ["#2a7ab9"] * (len(values) - 1))
+        axis.set_xticks(range(len(values)), names)
+        for bar, r in zip(bars, results):
+            axis.annotate(f"{r[f'{phase}_speedup_vs_first']:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                          ha="center", va="bottom", fontsize=9)
+        axis.set_title(f"{phase} ({results[0]['engine']})")
+        axis.set_ylabel("tokens/s")
+        axis.tick_params(axis="x", labelrotation=20)
+    settings = report["settings"]
+    figure.suptitle(f"batch {settings['batch']}, input {settings['input_len']}, output {settings['output_len']}, "
+                    f"median of {settings['repeats']}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+if __name__ == "__main__":  # the worker: python -m graphprune.bench MODEL SETTINGS_JSON
+    import logging
+    import warnings
+
+    warnings.simplefilter("ignore")
+    logging.disable(logging.WARNING)
+    result = worker(sys.argv[1], BenchSettings(**json.loads(sys.argv[2])))
+    sys.stdout.write(json.dumps(asdict(result)) + "\n")

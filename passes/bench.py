@@ -1,0 +1,27 @@
+"""bench: prefill/decode speed and peak memory of the original against the pruned model (`bench` section)."""
+
+from __future__ import annotations
+
+from graphprune.bench import BenchSettings, bench as run_bench
+from graphprune.pipeline import PassContext, PassResult, PipelineError, register_pass
+
+
+@register_pass("bench", requires=("pruned_model",))
+def bench(ctx: PassContext) -> PassResult:
+    """Each engine of `bench.engines` on the original model folder and on the written output."""
+    spec = ctx.spec.bench
+    if spec is None:
+        raise PipelineError("bench: the spec has no 'bench' section")
+    if ctx.workdir is None or ctx.analysis.family is None:
+        raise PipelineError("bench: needs a written Hugging Face family model (not a dry run, not model.pt2)")
+    results = {}
+    for engine in spec.engines:
+        settings = BenchSettings(engine=engine, batch=spec.batch, input_len=spec.input_len, output_len=spec.output_len,
+                                 repeats=spec.repeats, threads=spec.threads, device=ctx.spec.model.device)
+        with ctx.console.status(f"benchmarking ({engine})...") as status:
+            results[engine] = run_bench([ctx.spec.model.path, str(ctx.workdir)], settings,
+                                        progress=lambda what: status.update(f"benchmarking {what}..."),
+                                        labels=["original", "pruned"])
+    ctx.report["bench"] = results
+    pruned = {engine: round(r["results"][1]["speedup_vs_first"], 3) for engine, r in results.items()}
+    return PassResult(summary={"speedup_vs_original": pruned})

@@ -1,0 +1,187 @@
+"""Export (hf, onnx, trtllm), the stateful prefill/decode reference, `graphprune bench`, and apply's export/bench."""
+
+import json
+import statistics
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from checkpoints import llama_config, nemotron_h_config, write_checkpoint, write_text
+from graphprune.apply import apply
+from graphprune.export import ExportError, export_model, export_path
+from graphprune.export.onnx import OnnxGenerator
+from graphprune.export.stateful import NemotronHDecode, NemotronHPrefill, greedy_generate, state_specs
+from graphprune.export.trtllm import DATASET_FILE, OPTIONS_FILE, check_checkpoint, config_problems
+from graphprune.spec import parse_spec
+
+ONNX_TOLERANCE = 1e-4  # fp32 ONNX Runtime against PyTorch, max abs logit difference
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    return {"root": root, "nemotron": write_checkpoint(nemotron_h_config("M-M*-M-"), root / "nemotron"),
+            "llama": write_checkpoint(llama_config(), root / "llama")}
+
+
+@pytest.fixture(scope="module")
+def nemotron(workspace):
+    return AutoModelForCausalLM.from_pretrained(workspace["nemotron"]).eval()
+
+
+@pytest.fixture(scope="module")
+def onnx_folder(workspace, nemotron):
+    return export_model(nemotron, "onnx", workspace["root"] / "onnx")["folder"]
+
+
+def tokens(batch, length, seed=0):
+    return torch.randint(0, 4096, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def full_logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def test_prefill_then_decode_reproduces_the_full_forward(nemotron):
+    ids = tokens(2, 45)  # crosses two Mamba chunks (16) with a remainder
+    reference = full_logits(nemotron, ids)
+    with torch.no_grad():
+        logits, *state = NemotronHPrefill(nemotron)(ids[:, :37])
+        assert torch.allclose(logits, reference[:, :37], atol=1e-5)
+        decode = NemotronHDecode(nemotron)
+        for t in range(37, 45):
+            logits, *state = decode(ids[:, t:t + 1], *state)
+            assert torch.allclose(logits[:, 0], reference[:, t], atol=1e-5), t
+    assert [s.name for s in state_specs(nemotron)] == ["conv.0", "ssm.0", "conv.2", "ssm.2", "key.3", "value.3",
+                                                      "conv.5", "ssm.5"]
+    assert state[-1].dtype == torch.float32 and state[-1].shape == (2, 8, 6, 8)  # [B, H, P, N]
+    assert state[4].shape == (2, 2, 45, 12)  # key cache [B, kv_heads, T, head_dim]
+
+
+def test_onnx_prefill_and_decode_match_pytorch(nemotron, onnx_folder):
+    generator = OnnxGenerator(onnx_folder)
+    ids = tokens(3, 40, seed=1)
+    reference = full_logits(nemotron, ids).numpy()
+    logits, state = generator.prefill(ids[:, :33].numpy())  # any length: not a chunk multiple
+    assert np.abs(logits - reference[:, :33]).max() < ONNX_TOLERANCE
+    for t in range(33, 40):
+        logits, state = generator.decode(ids[:, t:t + 1].numpy(), state)
+        assert np.abs(logits[:, 0] - reference[:, t]).max() < ONNX_TOLERANCE, t
+    short = generator.prefill(ids[:1, :3].numpy())[0]  # batch and length differ from the traced example
+    assert np.abs(short - reference[:1, :3]).max() < ONNX_TOLERANCE
+    assert np.array_equal(generator.generate(ids[:, :6].numpy(), 5), greedy_generate(nemotron, ids[:, :6], 5).numpy())
+
+
+def test_onnx_refuses_a_family_without_a_stateful_graph(workspace):
+    llama = AutoModelForCausalLM.from_pretrained(workspace["llama"])
+    with pytest.raises(ExportError, match="onnx: .*nemotron_h.*'llama'"):
+        export_model(llama, "onnx", workspace["root"] / "onnx-llama")
+
+
+def test_hf_export_reloads_with_the_runtime_keys_and_hub_layout(workspace, nemotron):
+    summary = export_path(str(workspace["nemotron"]), "hf", workspace["root"] / "hf")
+    folder = workspace["root"] / "hf"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["hybrid_override_pattern"] == "M-M*-M-" and config["num_hidden_layers"] == 7
+    assert config["attention_head_dim"] == config["head_dim"] and config["rms_norm_eps"] == config["layer_norm_epsilon"]
+    with safe_open(str(folder / "model.safetensors"), "pt") as handle:
+        assert all(k.startswith(("backbone.", "lm_head.")) for k in handle.keys())
+    assert "tokenizer.json" in summary["files"]
+    reloaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert torch.equal(full_logits(reloaded, tokens(1, 20)), full_logits(nemotron, tokens(1, 20)))
+    with pytest.raises(Exception, match="exists; pass --force"):
+        export_path(str(workspace["nemotron"]), "hf", folder)
+
+
+def test_trtllm_layout_passes_its_checks_and_broken_ones_are_named(workspace):
+    folder = workspace["root"] / "trtllm"
+    export_path(str(workspace["nemotron"]), "trtllm", folder, input_len=16, output_len=4, num_requests=5)
+    assert check_checkpoint(folder) == []
+    requests = [json.loads(line) for line in (folder / DATASET_FILE).read_text().splitlines()]
+    assert len(requests) == 5 and all(len(r["input_ids"]) == 16 and r["output_tokens"] == 4 for r in requests)
+    assert "mamba_ssm_cache_dtype: float32" in (folder / OPTIONS_FILE).read_text()
+    assert "trtllm-bench" in (folder / "README.md").read_text()
+    # the checks bite: the raw transformers save lacks the runtime keys; a missing or resized weight is named
+    assert any("hybrid_override_pattern is missing" in p for p in check_checkpoint(workspace["nemotron"]))
+    config = json.loads((folder / "config.json").read_text())
+    assert any("num_hidden_layers" in p for p in config_problems(config | {"num_hidden_layers": 6}))
+    assert config_problems(config, tp_size=4) == []  # 8 Mamba heads, 2 groups, 4 attention heads
+    assert any("supports 1, 2, 4 or 8" in p for p in config_problems(config, tp_size=3))
+    assert config_problems(config | {"mamba_num_heads": 6, "n_groups": 3}, tp_size=4) == [
+        "mamba_num_heads (6) is not divisible by tp_size 4", "n_groups (3) and tp_size 4: one must divide the other"]
+    broken = workspace["root"] / "trtllm-broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((folder / "config.json").read_text())
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(folder / "model.safetensors")
+    del weights["backbone.layers.2.mixer.A_log"]
+    weights["backbone.layers.1.mixer.up_proj.weight"] = weights["backbone.layers.1.mixer.up_proj.weight"][:-1]
+    save_file(weights, broken / "model.safetensors")
+    problems = check_checkpoint(broken)
+    assert "missing weight backbone.layers.2.mixer.A_log [8]" in problems
+    assert any(p.startswith("weight backbone.layers.1.mixer.up_proj.weight has shape [79, 48]") for p in problems)
+
+
+def bench_cli(*args):
+    done = subprocess.run([sys.executable, "-m", "graphprune.cli", "bench", *args], capture_output=True, text=True)
+    done.stderr = " ".join(done.stderr.split())  # rich wraps long lines
+    return done
+
+
+def test_bench_json_ratios_come_from_measured_times(workspace, tmp_path):
+    plot = tmp_path / "bench.png"
+    done = bench_cli(str(workspace["nemotron"]), str(workspace["root"] / "trtllm"), "--json", "--input-len", "8",
+                     "--output-len", "3", "--repeats", "2", "--threads", "1", "--plot", str(plot))
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    first, second = report["results"]
+    for result in (first, second):
+        assert result["engine"] == "torch" and result["peak_memory_bytes"] > 0
+        assert len(result["prefill_seconds"]) == 2 and result["prefill_tokens_per_s"] > 0
+        assert result["decode_tokens_per_s"] == pytest.approx(2 / statistics.median(result["decode_seconds"]))
+    total = [statistics.median(r["prefill_seconds"]) + statistics.median(r["decode_seconds"]) for r in (first, second)]
+    assert first["speedup_vs_first"] == 1.0
+    assert second["speedup_vs_first"] == pytest.approx(total[0] / total[1])
+    assert second["ideal_speedup_vs_first"] == 1.0  # the same weights
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_onnxruntime_and_clear_errors(workspace, onnx_folder):
+    done = bench_cli(onnx_folder, "--engine", "onnxruntime", "--json", "--input-len", "8", "--output-len", "3",
+                     "--repeats", "1", "--plot", "")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)["results"][0]
+    assert result["engine"] == "onnxruntime" and result["decode_tokens_per_s"] > 0
+    done = bench_cli(str(workspace["nemotron"]), "--engine", "trtllm", "--plot", "")
+    assert done.returncode == 2 and "tensorrt_llm" in done.stderr
+    done = bench_cli(str(workspace["nemotron"]), "--engine", "tensorflow", "--plot", "")
+    assert done.returncode == 2 and "choose from torch, onnxruntime, trtllm" in done.stderr
+
+
+def test_apply_exports_and_benches_at_the_end(workspace):
+    text = write_text(workspace["root"] / "text.txt")
+    spec = parse_spec({
+        "model": {"path": str(workspace["nemotron"])},
+        "calibration": {"data": {"path": str(text)}, "num_samples": 4, "seq_len": 32},
+        "targets": {"mamba_num_heads": 4, "ffn_hidden_size": 40}, "output": str(workspace["root"] / "pruned"),
+        "export": {"formats": ["onnx", "trtllm"], "num_requests": 3},
+        "bench": {"engines": ["torch"], "input_len": 8, "output_len": 3, "repeats": 1, "threads": 1}})
+    report = apply(spec, force=True)
+    out = workspace["root"] / "pruned"
+    assert report["export"] == {"onnx": "export/onnx", "trtllm": "export/trtllm"}
+    assert check_checkpoint(out / "export" / "trtllm") == [] and check_checkpoint(out) == []
+    assert json.loads((out / "export/trtllm/config.json").read_text())["mamba_num_heads"] == 4
+    original, pruned = report["bench"]["torch"]["results"]
+    assert (original["model"], pruned["model"]) == ("original", "pruned")
+    assert pruned["params"] == report["pruned"]["params"] < original["params"]
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = tokens(1, 12)
+    onnx_logits = OnnxGenerator(out / "export" / "onnx").prefill(ids.numpy())[0]
+    assert np.abs(onnx_logits - full_logits(model, ids).numpy()).max() < ONNX_TOLERANCE
