@@ -128,18 +128,19 @@ def run_pipeline(ctx: PassContext, pipeline: list[tuple[str, dict[str, Any]]]) -
 
 
 def pipeline_of(spec: Spec, dry_run: bool) -> list[tuple[str, dict[str, Any]]]:
+    if dry_run:  # planning only: keep what runs without weights or data
+        steps = [(p.name, p.args) for p in spec.passes] if spec.passes is not None else [(n, {}) for n in DRY_RUN_PIPELINE]
+        return [(name, args) for name, args in steps if name in DRY_RUN_PIPELINE]
     if spec.passes is not None:
         steps = [(p.name, p.args) for p in spec.passes]
-        if dry_run:  # planning only: keep what runs without weights or data
-            steps = [(n, a) for n, a in steps if n in DRY_RUN_PIPELINE]
-        return steps
-    if dry_run:
-        return [(name, {}) for name in DRY_RUN_PIPELINE]
-    names = list(DEFAULT_PIPELINE)
-    if spec.distill is not None:  # recover the pruned model before it is verified
-        names.insert(names.index("verify"), "distill")
-    names += [name for name in ("export", "bench") if getattr(spec, name) is not None]
-    return [(name, {}) for name in names]
+    else:
+        names = list(DEFAULT_PIPELINE)
+        if spec.distill is not None:  # recover the pruned model before it is verified
+            names.insert(names.index("verify"), "distill")
+        steps = [(name, {}) for name in names]
+    # an `export` or `bench` section runs its pass last, unless the explicit pipeline places it
+    listed = {name for name, _ in steps}
+    return steps + [(name, {}) for name in ("export", "bench") if getattr(spec, name) is not None and name not in listed]
 
 
 class AtomicOutput:

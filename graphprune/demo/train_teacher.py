@@ -270,14 +270,15 @@ def main() -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda_factory(args.warmup, args.steps, args.min_lr_ratio))
 
     step, tokens_seen, wall_before, history = 0, 0, 0.0, []
-    phase_1 = None
+    earlier_phases: list[dict] = []  # every run this one continues from, oldest first
     if args.init_from is not None and not (args.resume and ckpt_path.exists()):
         previous = torch.load(args.init_from, map_location="cpu", weights_only=True)
         model.load_state_dict(previous["model"])
         tokens_seen, wall_before = previous["tokens_seen"], previous["wall_time"]
-        history = [{**h, "phase": 1} for h in previous["history"]]
-        phase_1 = {"checkpoint": str(args.init_from), "steps": previous["step"], "tokens": previous["tokens_seen"],
-                   "args": previous["args"]}
+        earlier_phases = previous.get("earlier_phases", []) + [
+            {"checkpoint": str(args.init_from), "steps": previous["step"], "tokens": previous["tokens_seen"],
+             "command": previous.get("command"), "args": previous["args"]}]
+        history = [{**h, "phase": h.get("phase", len(earlier_phases))} for h in previous["history"]]
         print(f"initialised from {args.init_from} (step {previous['step']}, {tokens_seen} tokens)", flush=True)
     if args.resume and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
@@ -291,6 +292,7 @@ def main() -> None:
             sched.lr_lambdas[0] = lr_lambda_factory(args.warmup, args.steps, args.min_lr_ratio)
         step, tokens_seen, wall_before = ck["step"], ck["tokens_seen"], ck["wall_time"]
         history = ck["history"]
+        earlier_phases = ck.get("earlier_phases", [])
         random.setstate(ck["rng"]["python"])
         torch.set_rng_state(ck["rng"]["torch"])
         print(f"resumed from {ckpt_path} at step {step}", flush=True)
@@ -308,6 +310,8 @@ def main() -> None:
                 "wall_time": wall_before + (time.time() - t_start),
                 "history": history,
                 "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                "command": command,
+                "earlier_phases": earlier_phases,
                 "config": cfg.to_dict(),
                 "rng": {"python": random.getstate(), "torch": torch.get_rng_state()},
             },
@@ -382,7 +386,7 @@ def main() -> None:
         "probe_eval": {"seq_len": args.seq_len, "n": args.final_probe_n, "seed": 20260101},
         "probe_accuracy": {k: round(v, 4) for k, v in probes.items()},
         "final_train_loss": history[-1]["loss"] if history else None,
-        "phase_1": phase_1,
+        "earlier_phases": earlier_phases,
     }
     (args.workdir / "final.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2), flush=True)
