@@ -5,7 +5,7 @@ Two pairs, each measured by `graphprune.bench` (every model in its own process, 
 * the demo teacher (3.8M) against its pruned half (specs/demo.json targets, zero-shot weights:
   speed does not depend on them);
 * a Nemotron-H of the 8B's shape at a width that fits this machine (hidden 1024, 18 layers of the
-  8B pattern, 8B head sizes, random weights) against the paper's 8B->4B widths scaled alike
+  8B pattern, its groups, state and attention head size, Mamba head_dim 32, random weights) against the paper's 8B->4B widths scaled alike
   (hidden x0.75, FFN x0.57, Mamba heads x0.875), pruned by magnitude (no data needed).
 
 Next to each measured speed-up stands the ideal one: the ratio of matmul parameters (FLOPs per
@@ -23,13 +23,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path.home() / ".cache" / "graphprune" / "bench-export"
-MID_CONFIG = {  # the 8B's head sizes, groups and state; a quarter of its hidden size; 18 of its 52 layers
+MID_CONFIG = {  # the 8B's groups, state and attention heads; a quarter of its width; 18 of its 52 layers
     "vocab_size": 32000, "hidden_size": 1024, "hybrid_override_pattern": "M-M-M-M*-M-M-M-M*-",
     "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 128, "intermediate_size": 5376,
-    "mamba_num_heads": 32, "mamba_head_dim": 64, "n_groups": 8, "ssm_state_size": 128, "chunk_size": 128,
+    "mamba_num_heads": 64, "mamba_head_dim": 32, "n_groups": 8, "ssm_state_size": 128, "chunk_size": 128,
     "conv_kernel": 4, "tie_word_embeddings": False, "mlp_hidden_act": "relu2",
 }
-MID_TARGETS = {"hidden_size": 768, "ffn_hidden_size": 3072, "mamba_num_heads": 28}
+MID_TARGETS = {"hidden_size": 768, "ffn_hidden_size": 3072, "mamba_num_heads": 56}
 
 
 def prune(model: Path, targets: dict, out: Path, calibration: bool) -> Path:

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -44,6 +44,7 @@ class BenchSettings:
     device: str = "cpu"
     threads: int | None = None
     seed: int = 0
+    runner: str = "auto"  # torch engine: "transformers" (its forward and cache) or "stateful" (export/stateful.py)
 
 
 @dataclass
@@ -57,6 +58,7 @@ class BenchResult:
     peak_memory_bytes: int
     prefill_seconds: list[float]
     decode_seconds: list[float]
+    runner: str = ""  # torch engine: transformers or stateful
     speedup_vs_first: float = 1.0
     prefill_speedup_vs_first: float = 1.0
     decode_speedup_vs_first: float = 1.0
@@ -72,6 +74,9 @@ def bench(models: list[str], settings: BenchSettings, progress: Callable[[str], 
         raise BenchError(f"--engine: unknown engine {settings.engine!r}; choose from {', '.join(ENGINES)}")
     if min(settings.batch, settings.input_len, settings.output_len, settings.repeats) < 1:
         raise BenchError("--batch, --input-len, --output-len and --repeats must all be at least 1")
+    if settings.engine == "torch" and settings.runner == "auto":  # one runner for all, so ratios compare models
+        runner = "stateful" if any(_attention_free_nemotron_h(_config(m)) for m in models) else "transformers"
+        settings = replace(settings, runner=runner)
     results = []
     for model, label in zip(models, labels or models):
         if progress:
@@ -147,23 +152,73 @@ def _torch_engine(path: str, settings: BenchSettings):
     cuda = settings.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
-    @torch.no_grad()
-    def prefill():
-        out = model(input_ids=ids, use_cache=True)
-        return out.cache if hasattr(out, "cache") else out.past_key_values, out.logits[:, -1:].argmax(-1)
-
-    @torch.no_grad()
-    def decode(state):
-        cache, token = state
-        for _ in range(settings.output_len - 1):
-            out = model(input_ids=token, cache=cache, use_cache=True)
-            cache, token = (out.cache if hasattr(out, "cache") else out.past_key_values), out.logits.argmax(-1)
+    if settings.runner == "stateful" or (settings.runner == "auto" and _attention_free_nemotron_h(model.config)):
+        prefill, decode = _stateful_steps(model, ids, settings)
+    else:
+        prefill, decode = _transformers_steps(model, ids, settings)
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     times = _measure(settings, prefill, decode, sync)
     peak = torch.cuda.max_memory_allocated() if cuda else None
     return model, times, peak
+
+
+def _config(path: str):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path)
+
+
+def _attention_free_nemotron_h(config) -> bool:
+    """transformers' cache cannot serve a Nemotron-H without attention layers (it asks them for the length)."""
+    kinds = getattr(config, "layers_block_type", None) or []
+    return config.model_type == "nemotron_h" and "full_attention" not in kinds and "attention" not in kinds
+
+
+def _transformers_steps(model, ids, settings: BenchSettings):
+    """Prefill and decode through transformers' own forward and cache (mamba-ssm kernels when importable)."""
+    import torch
+
+    def cache_of(out):
+        return out.cache if hasattr(out, "cache") else out.past_key_values
+
+    @torch.no_grad()
+    def prefill():
+        out = model(input_ids=ids, use_cache=True)
+        return cache_of(out), out.logits[:, -1:].argmax(-1)
+
+    @torch.no_grad()
+    def decode(state):
+        cache, token = state
+        for _ in range(settings.output_len - 1):
+            out = model(input_ids=token, cache=cache, use_cache=True)
+            cache, token = cache_of(out), out.logits.argmax(-1)
+
+    return prefill, decode
+
+
+def _stateful_steps(model, ids, settings: BenchSettings):
+    """Prefill and decode through graphprune's explicit-state Nemotron-H (export/stateful.py)."""
+    import torch
+
+    from .export.stateful import NemotronHDecode, NemotronHPrefill
+
+    prefill_module, decode_module = NemotronHPrefill(model).eval(), NemotronHDecode(model).eval()
+
+    @torch.no_grad()
+    def prefill():
+        logits, *state = prefill_module(ids)
+        return state, logits[:, -1:].argmax(-1)
+
+    @torch.no_grad()
+    def decode(carry):
+        state, token = carry
+        for _ in range(settings.output_len - 1):
+            logits, *state = decode_module(token, *state)
+            token = logits.argmax(-1)
+
+    return prefill, decode
 
 
 def _onnx_engine(path: str, settings: BenchSettings):
@@ -238,18 +293,40 @@ def _param_counts(path: str, model: Any) -> tuple[int, int]:
     return total, total - model.get_input_embeddings().weight.numel()
 
 
+def _resident_bytes(field: str) -> int | None:
+    """VmRSS (now) or VmHWM (peak) of this process from /proc, in bytes; None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak() -> int:
+    """Start peak-memory accounting now: the resident size at this point is the baseline."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current RSS
+    except OSError:
+        pass
+    return _resident_bytes("VmRSS") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def worker(path: str, settings: BenchSettings) -> BenchResult:
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    baseline = _reset_peak()  # after the interpreter and libraries are loaded: the model's own memory counts
     engine = {"torch": _torch_engine, "onnxruntime": _onnx_engine, "trtllm": _trtllm_engine}[settings.engine]
     model, (prefill_times, decode_times), device_peak = engine(path, settings)
-    peak = device_peak if device_peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+    host_peak = _resident_bytes("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = device_peak if device_peak is not None else host_peak - baseline
     total, matmul = _param_counts(path, model)
     decode_tokens = settings.batch * max(settings.output_len - 1, 1)
     return BenchResult(
         model=path, engine=settings.engine, params=total, matmul_params=matmul,
         prefill_tokens_per_s=settings.batch * settings.input_len / statistics.median(prefill_times),
         decode_tokens_per_s=decode_tokens / statistics.median(decode_times),
-        peak_memory_bytes=int(peak), prefill_seconds=prefill_times, decode_seconds=decode_times)
+        peak_memory_bytes=int(peak), prefill_seconds=prefill_times, decode_seconds=decode_times,
+        runner=settings.runner if settings.engine == "torch" else "")
 
 
 def plot(report: dict[str, Any], path: Path) -> None:

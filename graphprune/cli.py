@@ -15,6 +15,8 @@ from rich.table import Table
 
 from .analysis import AnalysisError
 from .api import Analysis, analyze
+from .bench import BenchError
+from .export import ExportError
 from .data import DataError
 from .families import FamilyMismatch
 from .pipeline import PipelineError
@@ -79,7 +81,7 @@ def apply(
     try:
         spec = load_spec(spec_path)
         report = run_apply(spec, dry_run=dry_run, force=force, console=stderr)
-    except USER_ERRORS as err:
+    except (*USER_ERRORS, BenchError, ExportError) as err:
         raise _fail(err) from None
     if as_json:
         sys.stdout.write(json.dumps(report, default=str) + "\n")
@@ -157,7 +159,7 @@ def export(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """Write MODEL for deployment: a Hugging Face checkpoint, ONNX prefill/decode graphs, or TensorRT-LLM."""
-    from .export import ExportError, export_path
+    from .export import export_path
 
     options = {"input_len": input_len, "output_len": output_len, "num_requests": num_requests} if fmt == "trtllm" else {}
     try:
@@ -185,7 +187,7 @@ def bench(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """Prefill and decode tokens/s and peak memory of MODELS, each in its own process, side by side."""
-    from .bench import BenchError, BenchSettings, bench as run_bench, plot
+    from .bench import BenchSettings, bench as run_bench, plot
 
     settings = BenchSettings(engine=engine, batch=batch, input_len=input_len, output_len=output_len,
                              repeats=repeats, device=device, threads=threads)
@@ -215,6 +217,35 @@ def bench_table(report: dict, title: str | None = None) -> Table:
                       f"{r['decode_tokens_per_s']:,.1f}", f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB",
                       f"{r['speedup_vs_first']:.2f}x", f"{r['ideal_speedup_vs_first']:.2f}x")
     return table
+
+
+@app.command()
+def search(
+    spec_path: Annotated[str, typer.Argument(metavar="SPEC", help="A spec with targets.params (or search.memory_bytes), "
+                                                                  "'search' and 'distill' sections.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+) -> None:
+    """Search pruned shapes under a budget: zero-shot loss for all, short KD for the top K, speed; pick the best.
+
+    Resumes from <output>/search.json when run again with the same spec."""
+    from .search import SearchError, markdown, run_search
+
+    try:
+        report = run_search(load_spec(spec_path), console=stderr)
+    except (*USER_ERRORS, SearchError, BenchError) as err:
+        raise _fail(err) from None
+    if as_json:
+        candidates = [{"config": c["config"], "params": c["params"], "zero_shot_loss": c["zero_shot_loss"],
+                       "kd_loss": c["kd_loss"], "tokens_per_s": c["tokens_per_s"], "targets": c["targets"],
+                       "memory_bytes": c["memory_bytes"], "relative_throughput": c["relative_throughput"]}
+                      for c in report["candidates"].values()]
+        sys.stdout.write(json.dumps({"candidates": candidates, "best": report["best"],
+                                     "rank_correlation": report["rank_correlation"], "seconds": report["seconds"],
+                                     "enumerated": report["enumerated"], "budget": report["budget"]}) + "\n")
+        return
+    _console().print(markdown(report))
+    _console().print(f"best: {report['best']['key']} ({report['best']['params']:,} parameters) -> "
+                     f"{Path(load_spec(spec_path).output) / report['best']['folder']}")
 
 
 @app.command()

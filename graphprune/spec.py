@@ -189,6 +189,52 @@ class BenchSpec(_Strict):
     """CPU threads per model (default: torch's default)."""
 
 
+class AxisSpace(_Strict):
+    values: list[int] | None = None
+    """Exactly these sizes; or a range:"""
+    min: int | None = Field(None, ge=1)
+    max: int | None = Field(None, ge=1)
+    step: int | None = Field(None, ge=1)
+    """Range step (default: the axis' constraint unit, e.g. n_groups for Mamba heads)."""
+
+    @model_validator(mode="after")
+    def _values_or_range(self) -> AxisSpace:
+        if self.values is not None and (self.min, self.max, self.step) != (None, None, None):
+            raise ValueError("give 'values' or a range ('min', 'max', 'step'), not both")
+        if self.values is not None and (not self.values or min(self.values) < 1):
+            raise ValueError("'values' must be a non-empty list of positive sizes")
+        return self
+
+
+SEARCH_AXES = ("hidden_size", "ffn_hidden_size", "mamba_num_heads", "mamba_head_dim", "num_attention_heads",
+               "num_layers")
+
+
+class SearchSpec(_Strict):
+    space: dict[Literal["hidden_size", "ffn_hidden_size", "mamba_num_heads", "mamba_head_dim", "num_attention_heads",
+                        "num_layers"], AxisSpace] = Field(default_factory=dict)
+    """Sizes to try per axis; an axis not given uses defaults: hidden, FFN and Mamba heads at 50-100% and
+    layers at 75-100% of the original, in constraint-respecting steps; head_dim and attention heads fixed."""
+    max_candidates: int = Field(100, ge=1)
+    """At most this many candidates, spread evenly over parameter counts."""
+    top_k: int = Field(5, ge=1)
+    """Candidates with the lowest zero-shot loss that get the short distillation (the `distill` section)."""
+    min_budget_fraction: float = Field(0.9, gt=0, le=1)
+    """Candidates must use at least this share of the budget (smaller ones waste it)."""
+    memory_bytes: int | None = Field(None, ge=1)
+    """A memory budget instead of targets.params: weights plus KV cache and SSM state at memory_batch x memory_seq_len."""
+    memory_batch: int = Field(1, ge=1)
+    memory_seq_len: int = Field(4096, ge=1)
+    eval_sequences: int = Field(16, ge=1)
+    """Held-out sequences (of distill.seq_len tokens) for the zero-shot and post-KD losses."""
+    loss_tolerance: float = Field(0.005, ge=0)
+    """Losses within this relative margin tie; throughput breaks the tie (the paper's rule)."""
+    bench: BenchSpec = Field(default_factory=lambda: BenchSpec(input_len=64, output_len=16))
+    """How the top K are timed (tokens/s = generated tokens / (prefill + decode) time); first engine used."""
+    final_distill_steps: int | None = Field(None, ge=1)
+    """Optionally distil the winner this many steps more (else only the short KD) into <output>/winner."""
+
+
 class Spec(_Strict):
     model: ModelSpec
     calibration: CalibrationSpec | None = None
@@ -207,6 +253,8 @@ class Spec(_Strict):
     """Deployment formats written at the end of apply."""
     bench: BenchSpec | None = None
     """Speed of the original against the pruned model, measured at the end of apply."""
+    search: SearchSpec | None = None
+    """Architecture search under a budget (`graphprune search`): targets.params or search.memory_bytes."""
 
 
 def load_spec(path: str | Path) -> Spec:
