@@ -12,10 +12,10 @@ $(BIN)/python:
 # torch first, pinned: the CPU wheel on these machines' disk (an unpinned torch would pull a CUDA build).
 $(INSTALLED): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,onnx]"
 	touch $(INSTALLED)
 
-# The main job on the built-in demo teacher: prune to about half, verify, evaluate before/after.
+# The main job on the built-in demo teacher: prune to about half, distil, export, bench, report.
 demo: $(INSTALLED)
 	$(BIN)/graphprune apply specs/demo.json --force
 

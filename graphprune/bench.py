@@ -9,13 +9,15 @@ no FLOPs; on the torch engine every other weight is read once per token).
 
 Engines: ``torch`` (transformers' own forward with its cache; on CUDA it uses mamba-ssm's kernels
 when they import), ``onnxruntime`` (the prefill/decode graphs of `graphprune export --format onnx`;
-a model folder is exported to a temporary folder first) and ``trtllm`` (TensorRT-LLM's LLM API, GPU).
+a model folder is exported first, by the calling process, so that the worker holds only the runtime) and
+``trtllm`` (TensorRT-LLM's LLM API, GPU).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -74,16 +76,22 @@ def bench(models: list[str], settings: BenchSettings, progress: Callable[[str], 
         raise BenchError(f"--engine: unknown engine {settings.engine!r}; choose from {', '.join(ENGINES)}")
     if min(settings.batch, settings.input_len, settings.output_len, settings.repeats) < 1:
         raise BenchError("--batch, --input-len, --output-len and --repeats must all be at least 1")
+    for model in models:
+        if not Path(model).is_dir() and not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", model):  # neither folder nor hub id
+            raise BenchError(f"{model}: no such model folder")
     if settings.engine == "torch" and settings.runner == "auto":  # one runner for all, so ratios compare models
         runner = "stateful" if any(_attention_free_nemotron_h(_config(m)) for m in models) else "transformers"
         settings = replace(settings, runner=runner)
     results = []
-    for model, label in zip(models, labels or models):
-        if progress:
-            progress(f"{settings.engine}: {label}")
-        result = _run_worker(model, settings)
-        result.model = label
-        results.append(result)
+    with tempfile.TemporaryDirectory(prefix="graphprune-bench-") as scratch:
+        for index, (model, label) in enumerate(zip(models, labels or models)):
+            if progress:
+                progress(f"{settings.engine}: {label}")
+            if settings.engine == "onnxruntime":  # export here, so that the worker's memory is the runtime's own
+                model = _onnx_folder(model, Path(scratch) / str(index))
+            result = _run_worker(model, settings)
+            result.model = label
+            results.append(result)
     add_ratios(results)
     return {"settings": asdict(settings), "results": [asdict(r) for r in results]}
 
@@ -221,22 +229,25 @@ def _stateful_steps(model, ids, settings: BenchSettings):
     return prefill, decode
 
 
-def _onnx_engine(path: str, settings: BenchSettings):
-    from transformers import AutoModelForCausalLM
-
-    from .export.onnx import MANIFEST, OnnxGenerator, export_onnx
+def _onnx_folder(path: str, scratch: Path) -> str:
+    """`path` if it is an ONNX export already, else its export into `scratch`."""
+    from .export.onnx import MANIFEST
 
     folder = Path(path)
-    temporary = None
-    model = None
-    if not (folder / MANIFEST).is_file():
-        if not (folder / "config.json").is_file():
-            raise BenchError(f"{path}: neither an ONNX export folder ({MANIFEST}) nor a Hugging Face model folder")
-        model = AutoModelForCausalLM.from_pretrained(path)
-        temporary = tempfile.TemporaryDirectory(prefix="graphprune-bench-onnx-")
-        export_onnx(model, Path(temporary.name))
-        folder = Path(temporary.name)
-    generator = OnnxGenerator(folder, threads=settings.threads)
+    if (folder / MANIFEST).is_file():
+        return path
+    if not (folder / "config.json").is_file():
+        raise BenchError(f"{path}: neither an ONNX export folder ({MANIFEST}) nor a Hugging Face model folder")
+    from .export import export_path
+
+    export_path(path, "onnx", scratch)
+    return str(scratch)
+
+
+def _onnx_engine(path: str, settings: BenchSettings):
+    from .export.onnx import OnnxGenerator
+
+    generator = OnnxGenerator(Path(path), threads=settings.threads)
     ids = _prompt(settings, generator.manifest["vocab_size"]).numpy()
 
     def prefill():
@@ -250,7 +261,7 @@ def _onnx_engine(path: str, settings: BenchSettings):
             token = logits[:, -1:].argmax(-1)
 
     times = _measure(settings, prefill, decode, lambda: None)
-    return model, times, None
+    return None, times, None
 
 
 def _trtllm_engine(path: str, settings: BenchSettings):

@@ -128,11 +128,11 @@ def enumerate_candidates(analysis: Analysis, spec: Spec,
 
 
 def _budget(spec: Spec) -> tuple[int, str]:
-    if (spec.targets.params is None) == (spec.search.memory_bytes is None):
-        raise SearchError("search: give exactly one budget, targets.params or search.memory_bytes")
     explicit = [k for k, v in spec.targets.model_dump().items() if v not in (None, {}) and k != "params"]
     if explicit:
         raise SearchError(f"targets: a search takes its sizes from search.space; remove {', '.join(explicit)}")
+    if (spec.targets.params is None) == (spec.search.memory_bytes is None):
+        raise SearchError("search: give exactly one budget, targets.params or search.memory_bytes")
     return (spec.targets.params, "params") if spec.targets.params is not None else (spec.search.memory_bytes, "memory")
 
 
@@ -188,6 +188,8 @@ def memory_bytes(analysis: Analysis, candidate: Candidate, dropped: list[int], s
 
 def _materialize(base: PassContext, candidate: Candidate) -> torch.nn.Module:
     """The candidate built in memory from the shared scores: plan, prune, drop_layers, materialize."""
+    import graphprune.passes  # noqa: F401  (registers the built-in passes)
+
     spec = base.spec.model_copy(update={"targets": TargetsSpec(**candidate.targets), "output": None})
     ctx = PassContext(spec=spec, analysis=base.analysis, activations=base.activations, depth_scores=base.depth_scores,
                       batches=base.batches, console=base.console)

@@ -15,13 +15,16 @@ def bench(ctx: PassContext) -> PassResult:
     if ctx.workdir is None or ctx.analysis.family is None:
         raise PipelineError("bench: needs a written Hugging Face family model (not a dry run, not model.pt2)")
     results = {}
+    exported_onnx = ctx.workdir / "export" / "onnx"
     for engine in spec.engines:
+        # the onnxruntime engine exports a model folder first, unless the export pass already did
+        pruned = exported_onnx if engine == "onnxruntime" and exported_onnx.is_dir() else ctx.workdir
         settings = BenchSettings(engine=engine, batch=spec.batch, input_len=spec.input_len, output_len=spec.output_len,
                                  repeats=spec.repeats, threads=spec.threads, device=ctx.spec.model.device)
         with ctx.console.status(f"benchmarking ({engine})...") as status:
-            results[engine] = run_bench([ctx.spec.model.path, str(ctx.workdir)], settings,
+            results[engine] = run_bench([ctx.spec.model.path, str(pruned)], settings,
                                         progress=lambda what: status.update(f"benchmarking {what}..."),
                                         labels=["original", "pruned"])
     ctx.report["bench"] = results
-    pruned = {engine: round(r["results"][1]["speedup_vs_first"], 3) for engine, r in results.items()}
-    return PassResult(summary={"speedup_vs_original": pruned})
+    speedups = {engine: round(r["results"][1]["speedup_vs_first"], 3) for engine, r in results.items()}
+    return PassResult(summary={"speedup_vs_original": speedups})

@@ -137,7 +137,7 @@ def bench_cli(*args):
 
 def test_bench_json_ratios_come_from_measured_times(workspace, tmp_path):
     plot = tmp_path / "bench.png"
-    done = bench_cli(str(workspace["nemotron"]), str(workspace["root"] / "trtllm"), "--json", "--input-len", "8",
+    done = bench_cli(str(workspace["nemotron"]), str(workspace["nemotron"]), "--json", "--input-len", "8",
                      "--output-len", "3", "--repeats", "2", "--threads", "1", "--plot", str(plot))
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
@@ -163,6 +163,8 @@ def test_bench_onnxruntime_and_clear_errors(workspace, onnx_folder):
     assert done.returncode == 2 and "tensorrt_llm" in done.stderr
     done = bench_cli(str(workspace["nemotron"]), "--engine", "tensorflow", "--plot", "")
     assert done.returncode == 2 and "choose from torch, onnxruntime, trtllm" in done.stderr
+    done = bench_cli(str(workspace["root"] / "missing"), "--plot", "")
+    assert done.returncode == 2 and "missing: no such model folder" in done.stderr
 
 
 def test_apply_exports_and_benches_at_the_end(workspace):
