@@ -147,6 +147,24 @@ def eval_command(
     Console().print(table)
 
 
+@app.command("lm-eval-tasks")
+def lm_eval_tasks(
+    folder: Annotated[str, typer.Argument(help="Where to write the task YAML and its data.")],
+    data: Annotated[str | None, typer.Option(help="Held-out text (.txt/.txt.gz/.jsonl); default: the demo's validation split.")] = None,
+    max_docs: Annotated[int, typer.Option(help="Documents to include.")] = 500,
+) -> None:
+    """Write lm-evaluation-harness task files on local held-out text (offline)."""
+    from .lm_eval_tasks import write_tasks
+
+    try:
+        written = write_tasks(Path(folder), data, max_docs)
+    except (DataError, ValueError, OSError) as err:
+        raise _fail(err) from None
+    _console().print(f"wrote {written['task']} ({written['documents']} documents) to {written['folder']}; run:\n"
+                     f"lm_eval --model hf --model_args pretrained=MODEL_DIR --include_path {written['folder']} "
+                     f"--tasks {written['task']}")
+
+
 @app.command()
 def export(
     model: Annotated[str, typer.Argument(help="A Hugging Face model folder (or hub id).")],

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import math
 import os
 import shutil
 import statistics
@@ -34,7 +33,7 @@ import torch.nn.functional as F
 
 from .api import Analysis, analyze
 from .pipeline import PASSES, PassContext, PipelineError, load_passes
-from .planning import PlanError, count_params, drop_lowest, plan_sizes, config_values
+from .planning import PlanError, count_params, drop_lowest, plan_sizes
 from .spec import SEARCH_AXES, AxisSpace, Spec, TargetsSpec
 
 SEARCH_FILE = "search.json"
@@ -145,8 +144,9 @@ def _dropped(analysis: Analysis, num_layers: int | None, depth_scores: torch.Ten
 
 
 def _config(analysis: Analysis, sizes: dict[str, int], dropped: list[int]) -> dict[str, int]:
-    config = dict(config_values(analysis, {g.name: g.size for g in analysis.groups} | sizes))
-    for group in analysis.groups:  # every searched key, pruned or not, so rows are comparable
+    """Every family config key with its size, pruned or not, so that rows are comparable."""
+    config: dict[str, int] = {}
+    for group in analysis.groups:  # one size per kind: the first group of a key speaks for all
         if group.config_key and group.kind != "layer":
             config.setdefault(group.config_key, sizes[group.name])
     config["num_hidden_layers"] = len(analysis.layers) - len(dropped)

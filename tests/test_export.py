@@ -187,3 +187,14 @@ def test_apply_exports_and_benches_at_the_end(workspace):
     ids = tokens(1, 12)
     onnx_logits = OnnxGenerator(out / "export" / "onnx").prefill(ids.numpy())[0]
     assert np.abs(onnx_logits - full_logits(model, ids).numpy()).max() < ONNX_TOLERANCE
+
+
+def test_export_and_bench_sections_run_last_unless_the_pipeline_places_them():
+    from graphprune.pipeline import pipeline_of
+
+    base = {"model": {"path": "m"}, "export": {"formats": ["hf"]}, "bench": {}}
+    default = [name for name, _ in pipeline_of(parse_spec(base), dry_run=False)]
+    assert default[-3:] == ["verify", "export", "bench"]
+    explicit = parse_spec(base | {"passes": [{"name": "plan"}, {"name": "export"}, {"name": "materialize"}]})
+    assert [name for name, _ in pipeline_of(explicit, dry_run=False)] == ["plan", "export", "materialize", "bench"]
+    assert [name for name, _ in pipeline_of(explicit, dry_run=True)] == ["plan"]
