@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from collections import Counter
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -16,8 +16,8 @@ from rich.table import Table
 from .analysis import AnalysisError
 from .api import Analysis, analyze
 from .bench import BenchError
-from .export import ExportError
 from .data import DataError
+from .export import ExportError
 from .families import FamilyMismatch
 from .pipeline import PipelineError
 from .planning import PlanError
@@ -26,7 +26,8 @@ from .trace import LoadError, TraceError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Structured pruning of hybrid LMs as graph rewrites.")
 stderr = Console(stderr=True)
-USER_ERRORS = (LoadError, TraceError, AnalysisError, FamilyMismatch, SpecError, DataError, PlanError, PipelineError)
+USER_ERRORS = (LoadError, TraceError, AnalysisError, FamilyMismatch, SpecError, DataError, PlanError, PipelineError,
+               BenchError, ExportError)
 
 
 def _console() -> Console:
@@ -81,7 +82,7 @@ def apply(
     try:
         spec = load_spec(spec_path)
         report = run_apply(spec, dry_run=dry_run, force=force, console=stderr)
-    except (*USER_ERRORS, BenchError, ExportError) as err:
+    except USER_ERRORS as err:
         raise _fail(err) from None
     if as_json:
         sys.stdout.write(json.dumps(report, default=str) + "\n")
@@ -183,7 +184,7 @@ def export(
     try:
         with stderr.status(f"exporting {fmt}..."):
             summary = export_path(model, fmt, Path(out), force=force, **options)
-    except (*USER_ERRORS, ExportError, OSError) as err:
+    except (*USER_ERRORS, OSError) as err:
         raise _fail(err) from None
     if as_json:
         sys.stdout.write(json.dumps(summary) + "\n")
@@ -212,7 +213,7 @@ def bench(
     try:
         with stderr.status("benchmarking...") as status:
             report = run_bench(models, settings, progress=lambda what: status.update(f"benchmarking {what}..."))
-    except BenchError as err:
+    except USER_ERRORS as err:
         raise _fail(err) from None
     if plot_path:
         plot(report, Path(plot_path))
@@ -246,11 +247,11 @@ def search(
     """Search pruned shapes under a budget: zero-shot loss for all, short KD for the top K, speed; pick the best.
 
     Resumes from <output>/search.json when run again with the same spec."""
-    from .search import SearchError, markdown, run_search
+    from .search import markdown, run_search
 
     try:
         report = run_search(load_spec(spec_path), console=stderr)
-    except (*USER_ERRORS, SearchError, BenchError) as err:
+    except USER_ERRORS as err:
         raise _fail(err) from None
     if as_json:
         candidates = [{"config": c["config"], "params": c["params"], "zero_shot_loss": c["zero_shot_loss"],

@@ -131,6 +131,9 @@ class DistillSpec(_Strict):
     """Default: the teacher's."""
     holdout_fraction: float = Field(0.05, gt=0, lt=1)
     """Share of the packed sequences kept out of training for eval_loss."""
+    probe_fraction: float = Field(0.0, ge=0, lt=1)
+    """Share of training sequences replaced by seeded probe sequences (MQAR, induction, selective copy,
+    in the demo tokenizer's id layout), so that KD also passes on in-context recall; the holdout stays text."""
     seq_len: int = Field(512, ge=2)
     micro_batch_size: int = Field(1, ge=1)
     """Sequences per process per forward."""
