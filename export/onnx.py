@@ -23,6 +23,7 @@ from .stateful import NemotronHDecode, NemotronHPrefill, state_specs
 MANIFEST = "graphprune_onnx.json"
 PREFILL, DECODE = "prefill.onnx", "decode.onnx"
 OPSET = 18
+EXTERNAL_DATA_BYTES = 1_500_000_000
 
 
 def _dims():
@@ -38,7 +39,15 @@ def _state_shapes(model: torch.nn.Module, batch_dim, past_dim) -> tuple[dict[int
 
 def export_onnx(model: torch.nn.Module, out: Path) -> dict[str, Any]:
     """Write prefill.onnx, decode.onnx and the manifest into `out`; returns the manifest."""
-    model = model.float().eval()
+    dtype, training = model.dtype, model.training
+    model.float().eval()  # ONNX graphs in float32; the caller's model is given back as it was
+    try:
+        return _export_graphs(model, out)
+    finally:
+        model.to(dtype).train(training)
+
+
+def _export_graphs(model: torch.nn.Module, out: Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     specs = state_specs(model)
     names = [s.name for s in specs]
@@ -48,11 +57,13 @@ def export_onnx(model: torch.nn.Module, out: Path) -> dict[str, Any]:
     ids = torch.randint(0, vocab, (2, model.config.chunk_size + 3))
     with torch.no_grad():
         _, *state = NemotronHPrefill(model)(ids)
+    # protobuf caps a file at 2 GB: larger models keep their weights in <graph>.onnx.data (each graph its own copy)
+    external = sum(p.numel() for p in model.parameters()) * 4 > EXTERNAL_DATA_BYTES
     _export(NemotronHPrefill(model), (ids,), out / PREFILL, ["input_ids"], ["logits"] + [f"present.{n}" for n in names],
-            {"input_ids": {0: batch, 1: seq}})
+            {"input_ids": {0: batch, 1: seq}}, external)
     _export(NemotronHDecode(model), (ids[:, :1], *state), out / DECODE,
             ["input_ids"] + [f"past.{n}" for n in names], ["logits"] + [f"present.{n}" for n in names],
-            {"input_ids": {0: batch}, "states": _state_shapes(model, batch, past)})
+            {"input_ids": {0: batch}, "states": _state_shapes(model, batch, past)}, external)
     manifest = {
         "format": "graphprune-onnx-nemotron-h/1",
         "model_type": model.config.model_type,
@@ -67,17 +78,19 @@ def export_onnx(model: torch.nn.Module, out: Path) -> dict[str, Any]:
     return manifest
 
 
-def _export(module, args, path: Path, input_names, output_names, dynamic_shapes) -> None:
+def _export(module, args, path: Path, input_names, output_names, dynamic_shapes, external: bool) -> None:
     exporter_log = logging.getLogger("torch.onnx")
     level = exporter_log.level
     exporter_log.setLevel(logging.ERROR)  # it warns about every torchvision op it cannot register
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(module, args, dynamo=True, input_names=input_names, output_names=output_names,
-                                    dynamic_shapes=dynamic_shapes, opset_version=OPSET, verbose=False,
-                                    optimize=True, external_data=False)
-    exporter_log.setLevel(level)
-    program.save(str(path))
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(module, args, dynamo=True, input_names=input_names,
+                                        output_names=output_names, dynamic_shapes=dynamic_shapes,
+                                        opset_version=OPSET, verbose=False, optimize=True)
+    finally:
+        exporter_log.setLevel(level)
+    program.save(str(path), external_data=external)
 
 
 class OnnxGenerator:
