@@ -242,17 +242,26 @@ def bench_table(report: dict, title: str | None = None) -> Table:
 def search(
     spec_path: Annotated[str, typer.Argument(metavar="SPEC", help="A spec with targets.params (or search.memory_bytes), "
                                                                   "'search' and 'distill' sections.")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the candidates of the budget on meta: no weights, "
+                                                             "no data, any model size.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """Search pruned shapes under a budget: zero-shot loss for all, short KD for the top K, speed; pick the best.
 
     Resumes from <output>/search.json when run again with the same spec."""
-    from .search import markdown, run_search
+    from .search import markdown, plan_search, run_search
 
     try:
-        report = run_search(load_spec(spec_path), console=stderr)
+        if dry_run:
+            with stderr.status("planning on meta..."):
+                plan = plan_search(load_spec(spec_path))
+        else:
+            report = run_search(load_spec(spec_path), console=stderr)
     except USER_ERRORS as err:
         raise _fail(err) from None
+    if dry_run:
+        _print_search_plan(plan, as_json)
+        return
     if as_json:
         candidates = [{"config": c["config"], "params": c["params"], "zero_shot_loss": c["zero_shot_loss"],
                        "kd_loss": c["kd_loss"], "tokens_per_s": c["tokens_per_s"], "targets": c["targets"],
@@ -265,6 +274,21 @@ def search(
     _console().print(markdown(report))
     _console().print(f"best: {report['best']['key']} ({report['best']['params']:,} parameters) -> "
                      f"{Path(load_spec(spec_path).output) / report['best']['folder']}")
+
+
+def _print_search_plan(plan: dict, as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(plan) + "\n")
+        return
+    rows = plan["candidates"]
+    keys = sorted({k for c in rows for k in c["config"]})
+    table = Table(title=f"dry run: {plan['within_budget']} of {plan['enumerated']} shapes fit the {plan['budget']['measure']} "
+                  f"budget ({plan['budget']['value']:,}); {len(rows)} to evaluate", title_justify="left")
+    for column in (*keys, "params"):
+        table.add_column(column, justify="right")
+    for c in rows:
+        table.add_row(*(str(c["config"].get(k, "")) for k in keys), f"{c['params']:,}")
+    _console().print(table)
 
 
 @app.command()

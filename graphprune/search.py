@@ -274,6 +274,23 @@ class SearchState:
         os.replace(temporary, self.path)
 
 
+def plan_search(spec: Spec) -> dict[str, Any]:
+    """`graphprune search --dry-run`: the candidates of the budget on meta (no weights, no data; any size).
+
+    Without depth scores, a candidate that drops layers is counted as dropping the last ones."""
+    if spec.search is None:
+        raise SearchError("the spec has no 'search' section")
+    budget, measure = _budget(spec)
+    analysis = analyze(spec.model.path, meta=True, trust_remote_code=spec.model.trust_remote_code)
+    if analysis.family is None:
+        raise SearchError("search: needs a Hugging Face family model (Nemotron-H, Mamba2, Llama)")
+    last_dropped_first = torch.arange(len(analysis.layers), 0, -1, dtype=torch.float)
+    candidates, enumerated, within_budget = enumerate_candidates(analysis, spec, last_dropped_first)
+    return {"dry_run": True, "budget": {"measure": measure, "value": budget}, "enumerated": enumerated,
+            "within_budget": within_budget, "original_params": analysis.params,
+            "candidates": [asdict(c) for c in candidates]}
+
+
 def run_search(spec: Spec, console: Any) -> dict[str, Any]:
     """`graphprune search SPEC`: the whole search; returns the report (also in <output>/search.json)."""
     from .apply import _to_runtime, preflight

@@ -140,3 +140,27 @@ def test_choice_breaks_loss_ties_by_throughput_and_rank_correlation():
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
     assert spearman([1, 2, 3], [1, 3, 2]) == pytest.approx(0.5)
+
+
+def test_the_8b_search_plans_on_meta_and_counts_like_transformers():
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from graphprune.spec import load_spec
+
+    spec = load_spec(Path(__file__).resolve().parent.parent / "specs" / "search-8b.json")
+    plan = search.plan_search(spec)
+    budget = spec.targets.params
+    assert plan["within_budget"] > 100 and len(plan["candidates"]) == spec.search.max_candidates
+    for candidate in plan["candidates"]:
+        assert 0.9 * budget <= candidate["params"] <= budget
+        assert candidate["config"]["mamba_num_heads"] % 8 == 0  # n_groups = 8
+    analysis = analyze(spec.model.path, meta=True)
+    candidate = min(plan["candidates"], key=lambda c: c["config"]["num_hidden_layers"])  # one that drops layers
+    kept = list(range(candidate["config"]["num_hidden_layers"]))  # the dry run drops the last layers
+    values = {k: v for k, v in candidate["config"].items() if k != "num_hidden_layers"}
+    config = analysis.family.pruned_config(analysis.model.config, values, kept)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert sum(p.numel() for p in model.parameters()) == candidate["params"]
