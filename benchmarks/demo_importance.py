@@ -8,7 +8,9 @@ data order for all).  From scratch: the group-aware pruned architecture, randoml
 trained with the LM loss on the same data until its held-out loss reaches that of group-aware
 prune + distill (or `--scratch-steps` run out); the tokens it needed are the comparison.
 
-    .venv/bin/python benchmarks/demo_importance.py [--distill-steps 200] [--scratch-steps 3000]
+    .venv/bin/python benchmarks/demo_importance.py [--distill-steps 200] [--scratch-steps 2000]
+    .venv/bin/python benchmarks/demo_importance.py --targets '{"mamba_num_heads": 8}' --distill-steps 0 \
+        --out benchmarks/results/demo_importance_ssm_only.json     # SSM heads only, zero-shot
 """
 
 from __future__ import annotations
@@ -85,8 +87,9 @@ def main() -> None:
     parser.add_argument("--probe-samples", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=32768)
     parser.add_argument("--distill-steps", type=int, default=200, help="0: zero-shot only")
-    parser.add_argument("--scratch-steps", type=int, default=3000, help="0: no from-scratch run")
+    parser.add_argument("--scratch-steps", type=int, default=2000, help="0: no from-scratch run")
     parser.add_argument("--targets", default=json.dumps(json.loads((ROOT / "specs" / "demo.json").read_text())["targets"]))
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "demo_importance.json")
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM
@@ -135,7 +138,7 @@ def main() -> None:
         result["from_scratch"] = from_scratch(pruned_config, train, holdout, target, args.scratch_steps,
                                               batch=8, lr=2e-3, eval_every=100)
         result["from_scratch"]["prune_distill_tokens"] = args.distill_steps * 8 * 256
-    (ROOT / "benchmarks" / "results" / "demo_importance.json").write_text(json.dumps(result, indent=2) + "\n")
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(markdown(result))
 
 
