@@ -39,8 +39,12 @@ def write_hf_checkpoint(model: nn.Module, folder: Path, tokenizer_from: str | Pa
         config_path = temporary / "config.json"
         config_path.write_text(json.dumps(json.loads(config_path.read_text()) | config_extras(model),
                                           indent=2) + "\n")
+        written = {item.name for item in temporary.iterdir()}
         for item in temporary.iterdir():
             os.replace(item, folder / item.name)
+        for stale in folder.glob("model*.safetensors*"):  # shards of an earlier save that this one did not write
+            if stale.name not in written:
+                stale.unlink()
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
     if tokenizer_from is not None:

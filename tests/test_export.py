@@ -198,3 +198,14 @@ def test_export_and_bench_sections_run_last_unless_the_pipeline_places_them():
     explicit = parse_spec(base | {"passes": [{"name": "plan"}, {"name": "export"}, {"name": "materialize"}]})
     assert [name for name, _ in pipeline_of(explicit, dry_run=False)] == ["plan", "export", "materialize", "bench"]
     assert [name for name, _ in pipeline_of(explicit, dry_run=True)] == ["plan"]
+
+
+def test_rewriting_a_checkpoint_leaves_no_stale_weight_shards(workspace, nemotron, tmp_path):
+    from graphprune.export.hf import write_hf_checkpoint
+
+    folder = tmp_path / "model"
+    nemotron.save_pretrained(folder, max_shard_size="100KB")  # an earlier, sharded save
+    assert len(list(folder.glob("model-*.safetensors"))) > 1
+    write_hf_checkpoint(nemotron, folder)
+    assert sorted(p.name for p in folder.glob("*.safetensors*")) == ["model.safetensors"]
+    assert check_checkpoint(folder) == []
