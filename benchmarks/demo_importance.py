@@ -11,6 +11,8 @@ prune + distill (or `--scratch-steps` run out); the tokens it needed are the com
     .venv/bin/python benchmarks/demo_importance.py [--distill-steps 200] [--scratch-steps 2000]
     .venv/bin/python benchmarks/demo_importance.py --targets '{"mamba_num_heads": 8}' --distill-steps 0 \
         --out benchmarks/results/demo_importance_ssm_only.json     # SSM heads only, zero-shot
+    .venv/bin/python benchmarks/demo_importance.py --targets '{"mamba_num_heads": 8}' --distill-steps 0 \
+        --calibration-probe-fraction 0.25 --out benchmarks/results/demo_importance_ssm_only_recall.json
 """
 
 from __future__ import annotations
@@ -89,6 +91,8 @@ def main() -> None:
     parser.add_argument("--distill-steps", type=int, default=200, help="0: zero-shot only")
     parser.add_argument("--scratch-steps", type=int, default=2000, help="0: no from-scratch run")
     parser.add_argument("--targets", default=json.dumps(json.loads((ROOT / "specs" / "demo.json").read_text())["targets"]))
+    parser.add_argument("--calibration-probe-fraction", type=float, default=0.0,
+                        help="share of calibration sequences that are probe sequences (recall-aware scores)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "demo_importance.json")
     args = parser.parse_args()
 
@@ -115,7 +119,8 @@ def main() -> None:
         out = Path(tempfile.gettempdir()) / "graphprune-bench-importance" / label.split()[0]
         spec = parse_spec({
             "model": {"path": str(teacher_path)},
-            "calibration": {"data": corpus, "num_samples": args.samples, "seq_len": 256, "batch_size": 8},
+            "calibration": {"data": corpus, "num_samples": args.samples, "seq_len": 256, "batch_size": 8,
+                            "probe_fraction": args.calibration_probe_fraction},
             "importance": importance, "targets": json.loads(args.targets), "output": str(out),
             "passes": [{"name": n} for n in ("calibrate", "plan", "prune", "materialize", "verify")]})
         report = apply(spec, force=True)
@@ -132,6 +137,7 @@ def main() -> None:
         if label.startswith("group-aware"):
             pruned_config = student.config
     result = {"targets": json.loads(args.targets), "calibration_samples": args.samples,
+              "calibration_probe_fraction": args.calibration_probe_fraction,
               "distill": distill_spec.model_dump(mode="json"), "heldout_sequences": len(holdout), "results": rows}
     if args.scratch_steps and args.distill_steps:
         target = rows["group-aware activation (paper)"]["distilled"]["heldout_loss"]

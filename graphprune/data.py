@@ -123,4 +123,21 @@ def token_samples(texts: list[str], tokenizer: Any, num_samples: int, seq_len: i
 
 def calibration_batches(spec: CalibrationSpec, tokenizer: Any) -> list[torch.Tensor]:
     samples = token_samples(load_texts(spec.data), tokenizer, spec.num_samples, spec.seq_len, spec.packing, spec.seed)
+    if spec.probe_fraction:
+        samples = mix_probes(samples, spec.probe_fraction, len(tokenizer), spec.seed, "calibration.probe_fraction")
     return list(samples.split(spec.batch_size))
+
+
+def mix_probes(samples: torch.Tensor, fraction: float, vocab: int, seed: int, where: str) -> torch.Tensor:
+    """`samples` with a seeded `fraction` of its rows replaced by probe sequences, the three kinds in turn."""
+    from .demo.probes import COPY_TOKENS, PROBES, make_probe
+
+    if vocab < COPY_TOKENS[1]:
+        raise DataError(f"{where}: the probes use token ids up to {COPY_TOKENS[1] - 1} (the demo tokenizer's "
+                        f"layout), but this tokenizer has {vocab} tokens")
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(len(samples), generator=generator)[: int(len(samples) * fraction)]
+    mixed = samples.clone()
+    for i, row in enumerate(rows.tolist()):
+        mixed[row] = make_probe(PROBES[i % len(PROBES)], 1, samples.shape[1], seed * 1_000_003 + i).input_ids[0]
+    return mixed

@@ -308,7 +308,7 @@ def split_holdout(samples: torch.Tensor, fraction: float) -> tuple[torch.Tensor,
 # --- jobs: `graphprune distill` and the distill pass ------------------------------------------------
 def training_samples(spec: DistillSpec, fallback_data: Any, tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """All of the data, tokenized and packed into seq_len sequences; then train / holdout."""
-    from .data import load_texts, token_samples
+    from .data import load_texts, mix_probes, token_samples
 
     data = spec.data or fallback_data
     if data is None:
@@ -318,23 +318,8 @@ def training_samples(spec: DistillSpec, fallback_data: Any, tokenizer: Any) -> t
     samples = token_samples(texts, tokenizer, total, spec.seq_len, packing=True, seed=spec.seed, allow_fewer=True)
     train, holdout = split_holdout(samples, spec.holdout_fraction)
     if spec.probe_fraction:
-        train = mix_probes(train, spec.probe_fraction, len(tokenizer), spec.seed)
+        train = mix_probes(train, spec.probe_fraction, len(tokenizer), spec.seed, "distill.probe_fraction")
     return train, holdout
-
-
-def mix_probes(train: torch.Tensor, fraction: float, vocab: int, seed: int) -> torch.Tensor:
-    """`train` with a seeded `fraction` of its rows replaced by probe sequences, the three kinds in turn."""
-    from .demo.probes import COPY_TOKENS, PROBES, make_probe
-
-    if vocab < COPY_TOKENS[1]:
-        raise DistillError(f"distill.probe_fraction: the probes use token ids up to {COPY_TOKENS[1] - 1} (the demo "
-                           f"tokenizer's layout), but this tokenizer has {vocab} tokens")
-    generator = torch.Generator().manual_seed(seed)
-    rows = torch.randperm(len(train), generator=generator)[: int(len(train) * fraction)]
-    mixed = train.clone()
-    for i, row in enumerate(rows.tolist()):
-        mixed[row] = make_probe(PROBES[i % len(PROBES)], 1, train.shape[1], seed * 1_000_003 + i).input_ids[0]
-    return mixed
 
 
 def progress_printer(steps: int, console: Any, world: World) -> tuple[Any, Callable[[dict], None]]:

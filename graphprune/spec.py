@@ -68,6 +68,9 @@ class CalibrationSpec(_Strict):
     """Concatenate documents into full sequences (no padding), as the paper recommends."""
     seed: int = 0
     """Seed for sample order."""
+    probe_fraction: float = Field(0.0, ge=0, lt=1)
+    """Share of calibration sequences replaced by seeded probe sequences (MQAR, induction, selective copy, in
+    the demo tokenizer's id layout), so that activation scores also see in-context recall."""
 
 
 ChannelMethod = Literal["activation", "magnitude", "random"]

@@ -111,14 +111,14 @@ def test_mismatched_vocabularies_are_refused(setup, tmp_path):
 
 def test_probe_mixing_replaces_a_seeded_share_of_training_rows():
     from graphprune.demo.probes import COPY, INDUCT, MQAR
-    from graphprune.distill import mix_probes
+    from graphprune.data import DataError, mix_probes
 
     text = torch.full((40, 64), 9, dtype=torch.long)
-    mixed = mix_probes(text, 0.25, 4096, seed=3)
+    mixed = mix_probes(text, 0.25, 4096, seed=3, where="distill.probe_fraction")
     replaced = (mixed != text).any(dim=1)
     assert replaced.sum().item() == 10
     assert set(mixed[replaced, 0].tolist()) == {MQAR, INDUCT, COPY}  # the three kinds, in turn
-    assert torch.equal(mixed, mix_probes(text, 0.25, 4096, seed=3))
-    assert not torch.equal(mixed, mix_probes(text, 0.25, 4096, seed=4))
-    with pytest.raises(DistillError, match="probe_fraction: .* this tokenizer has 1000 tokens"):
-        mix_probes(text, 0.25, 1000, seed=3)
+    assert torch.equal(mixed, mix_probes(text, 0.25, 4096, seed=3, where="x"))
+    assert not torch.equal(mixed, mix_probes(text, 0.25, 4096, seed=4, where="x"))
+    with pytest.raises(DataError, match="distill.probe_fraction: .* this tokenizer has 1000 tokens"):
+        mix_probes(text, 0.25, 1000, seed=3, where="distill.probe_fraction")
