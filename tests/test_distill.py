@@ -122,3 +122,18 @@ def test_probe_mixing_replaces_a_seeded_share_of_training_rows():
     assert not torch.equal(mixed, mix_probes(text, 0.25, 4096, seed=4, where="x"))
     with pytest.raises(DataError, match="distill.probe_fraction: .* this tokenizer has 1000 tokens"):
         mix_probes(text, 0.25, 1000, seed=3, where="distill.probe_fraction")
+
+
+def test_calibration_can_mix_in_probe_sequences(tmp_path):
+    from graphprune.data import calibration_batches, load_tokenizer
+    from graphprune.demo.probes import COPY, INDUCT, MQAR
+    from graphprune.spec import CalibrationSpec
+
+    tokenizer = load_tokenizer(str(write_checkpoint(nemotron_h_config(), tmp_path / "model")))
+    spec = CalibrationSpec(data={"path": str(write_text(tmp_path / "text.txt"))}, num_samples=8, seq_len=32,
+                           batch_size=4, probe_fraction=0.5)
+    rows = torch.cat(calibration_batches(spec, tokenizer))
+    text = torch.cat(calibration_batches(spec.model_copy(update={"probe_fraction": 0.0}), tokenizer))
+    replaced = (rows != text).any(dim=1)
+    assert rows.shape == (8, 32) and replaced.sum().item() == 4
+    assert set(rows[replaced, 0].tolist()) == {MQAR, INDUCT, COPY}
