@@ -57,13 +57,6 @@ def state_specs(model: nn.Module) -> list[StateSpec]:
     return specs
 
 
-def empty_state(model: nn.Module, batch: int) -> list[torch.Tensor]:
-    """The state before any token: zeros, and K/V caches of length 0."""
-    device = next(model.parameters()).device
-    sizes = {"batch": batch, "past": 0}
-    return [torch.zeros([sizes.get(d, d) for d in s.shape], dtype=s.dtype, device=device) for s in state_specs(model)]
-
-
 def check_supported(model: nn.Module) -> None:
     """Raise ValueError unless `model` is a Nemotron-H of Mamba, attention and MLP layers."""
     kinds = getattr(model.config, "layers_block_type", None)

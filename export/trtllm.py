@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-from .hf import write_hf_checkpoint
+from .hf import config_extras, write_hf_checkpoint
 
 OPTIONS_FILE = "extra_llm_api_options.yaml"
 DATASET_FILE = "dataset.jsonl"
@@ -41,7 +41,7 @@ class TrtllmLayoutError(ValueError):
 
 def export_trtllm(model: nn.Module, folder: Path, tokenizer_from: str | Path | None = None, *, input_len: int = 128,
                   output_len: int = 128, num_requests: int = 256, seed: int = 0) -> dict[str, Any]:
-    problems = config_problems(model.config.to_dict() | _extras(model))
+    problems = config_problems(model.config.to_dict() | config_extras(model))
     if problems:
         raise TrtllmLayoutError("TensorRT-LLM cannot load this model:\n- " + "\n- ".join(problems))
     write_hf_checkpoint(model, folder, tokenizer_from)
@@ -52,12 +52,6 @@ def export_trtllm(model: nn.Module, folder: Path, tokenizer_from: str | Path | N
     if problems:
         raise TrtllmLayoutError("the written checkpoint breaks TensorRT-LLM's rules:\n- " + "\n- ".join(problems))
     return {"options": OPTIONS_FILE, "dataset": DATASET_FILE, "requests": num_requests}
-
-
-def _extras(model: nn.Module) -> dict[str, Any]:
-    from .hf import config_extras
-
-    return config_extras(model)
 
 
 def write_dataset(path: Path, vocab: int, input_len: int, output_len: int, requests: int, seed: int) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -212,13 +212,13 @@ class AxisSpace(_Strict):
         return self
 
 
-SEARCH_AXES = ("hidden_size", "ffn_hidden_size", "mamba_num_heads", "mamba_head_dim", "num_attention_heads",
-               "num_layers")
+SearchAxis = Literal["hidden_size", "ffn_hidden_size", "mamba_num_heads", "mamba_head_dim", "num_attention_heads",
+                     "num_layers"]
+SEARCH_AXES: tuple[str, ...] = get_args(SearchAxis)
 
 
 class SearchSpec(_Strict):
-    space: dict[Literal["hidden_size", "ffn_hidden_size", "mamba_num_heads", "mamba_head_dim", "num_attention_heads",
-                        "num_layers"], AxisSpace] = Field(default_factory=dict)
+    space: dict[SearchAxis, AxisSpace] = Field(default_factory=dict)
     """Sizes to try per axis; an axis not given uses defaults: hidden, FFN and Mamba heads at 50-100% and
     layers at 75-100% of the original, in constraint-respecting steps; head_dim and attention heads fixed."""
     max_candidates: int = Field(100, ge=1)
