@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from graphprune.distill import heldout_loss
+
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "graphprune" / "demo"
 METHODS = {
@@ -35,17 +37,6 @@ METHODS = {
     "magnitude": {"hidden": "magnitude", "ffn": "magnitude", "mamba": "magnitude", "attention": "magnitude"},
     "random": {"hidden": "random", "ffn": "random", "mamba": "random", "attention": "random"},
 }
-
-
-@torch.no_grad()
-def heldout_loss(model, holdout: torch.Tensor, batch: int = 8) -> float:
-    model.eval()
-    total, count = 0.0, 0
-    for ids in holdout.split(batch):
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
-        total += F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
-        count += ids[:, 1:].numel()
-    return total / count
 
 
 def from_scratch(config, train: torch.Tensor, holdout: torch.Tensor, target: float, steps: int, batch: int,
@@ -73,7 +64,7 @@ def from_scratch(config, train: torch.Tensor, holdout: torch.Tensor, target: flo
         optimizer.step()
         schedule.step()
         if step % eval_every == 0 or step == steps:
-            held = heldout_loss(model, holdout)
+            held = heldout_loss(model, holdout, 8)
             curve.append({"step": step, "tokens": step * ids.numel(), "heldout_loss": round(held, 4)})
             print("scratch", json.dumps(curve[-1]), flush=True)
             if held <= target:
@@ -100,7 +91,7 @@ def main() -> None:
 
     from graphprune.apply import apply
     from graphprune.data import load_tokenizer
-    from graphprune.distill import distill, training_samples
+    from graphprune.distill import distill_in_process, training_samples
     from graphprune.evaluate import evaluate
     from graphprune.spec import DistillSpec, parse_spec
 
@@ -114,7 +105,7 @@ def main() -> None:
     holdout = holdout[:32]
     options = {"probe_samples": args.probe_samples, "max_tokens": args.max_tokens}
     rows = {"teacher (unpruned)": {"zero_shot": {**evaluate(teacher, tokenizer, **options),
-                                                 "heldout_loss": heldout_loss(teacher, holdout)}}}
+                                                 "heldout_loss": heldout_loss(teacher, holdout, 8)}}}
     for label, importance in METHODS.items():
         out = Path(tempfile.gettempdir()) / "graphprune-bench-importance" / label.split()[0]
         spec = parse_spec({
@@ -127,12 +118,11 @@ def main() -> None:
         student = AutoModelForCausalLM.from_pretrained(out).eval()
         rows[label] = {"params": report["pruned"]["params"], "config": report["pruned"]["config"],
                        "zero_shot": {**evaluate(student, tokenizer, **options),
-                                     "heldout_loss": heldout_loss(student, holdout)}}
+                                     "heldout_loss": heldout_loss(student, holdout, 8)}}
         if args.distill_steps:
-            with tempfile.TemporaryDirectory() as workdir:
-                result = distill(teacher, student, train, holdout, distill_spec, Path(workdir))
+            result = distill_in_process(teacher, student, train, holdout, distill_spec, console=None)
             rows[label]["distilled"] = {**evaluate(student, tokenizer, **options),
-                                        "heldout_loss": heldout_loss(student, holdout), "kd": result.summary()}
+                                        "heldout_loss": heldout_loss(student, holdout, 8), "kd": result.summary()}
         print(label, json.dumps({k: v for k, v in rows[label].items() if k != "config"}), flush=True)
         if label.startswith("group-aware"):
             pruned_config = student.config

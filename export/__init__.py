@@ -51,14 +51,13 @@ def export_model(model: nn.Module, fmt: str, folder: Path, tokenizer_from: str |
 
 def export_path(model_path: str, fmt: str, out: Path, *, force: bool = False, **options: Any) -> dict[str, Any]:
     """`graphprune export`: load the model folder (or hub id) and write `fmt` into `out`, atomically."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     from graphprune.pipeline import AtomicOutput
 
     if fmt not in FORMATS:
         raise ExportError(f"--format: unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32 if fmt == "onnx" else "auto").eval()
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto").eval()  # onnx converts to float32 itself
     with AtomicOutput(Path(out), force) as workdir:
         summary = export_model(model, fmt, workdir, tokenizer_from=model_path if Path(model_path).is_dir() else None,
                                **options)

@@ -48,6 +48,12 @@ class BenchSettings:
     seed: int = 0
     runner: str = "auto"  # torch engine: "transformers" (its forward and cache) or "stateful" (export/stateful.py)
 
+    @classmethod
+    def from_spec(cls, spec: Any, engine: str, device: str) -> BenchSettings:
+        """From a spec's `bench` section (or `search.bench`), for one of its engines."""
+        return cls(engine=engine, batch=spec.batch, input_len=spec.input_len, output_len=spec.output_len,
+                   repeats=spec.repeats, threads=spec.threads, device=device)
+
 
 @dataclass
 class BenchResult:
@@ -102,10 +108,13 @@ def add_ratios(results: list[BenchResult]) -> None:
     for result in results:
         result.prefill_speedup_vs_first = result.prefill_tokens_per_s / first.prefill_tokens_per_s
         result.decode_speedup_vs_first = result.decode_tokens_per_s / first.decode_tokens_per_s
-        total = statistics.median(result.prefill_seconds) + statistics.median(result.decode_seconds)
-        first_total = statistics.median(first.prefill_seconds) + statistics.median(first.decode_seconds)
-        result.speedup_vs_first = first_total / total
+        result.speedup_vs_first = end_to_end_seconds(asdict(first)) / end_to_end_seconds(asdict(result))
         result.ideal_speedup_vs_first = first.matmul_params / result.matmul_params
+
+
+def end_to_end_seconds(result: dict[str, Any]) -> float:
+    """Median prefill plus median decode time of one result."""
+    return statistics.median(result["prefill_seconds"]) + statistics.median(result["decode_seconds"])
 
 
 def _run_worker(model: str, settings: BenchSettings) -> BenchResult:

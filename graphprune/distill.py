@@ -15,6 +15,8 @@ import json
 import math
 import os
 import random
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -295,6 +297,32 @@ def evaluate_kd(teacher: nn.Module, student: nn.Module, holdout: torch.Tensor, s
     losses = [kd_loss(_logits(student, ids.to(world.device)), _logits(teacher, ids.to(world.device)),
                       spec.temperature, spec.top_k).item() for ids in batches]
     return _mean_over_ranks(sum(losses) / max(len(losses), 1), world)
+
+
+def distill_in_process(teacher: nn.Module, student: nn.Module, train: torch.Tensor, holdout: torch.Tensor,
+                       spec: DistillSpec, console: Any) -> DistillResult:
+    """One process, a progress bar, checkpoints in a throwaway folder (the distill pass, the search)."""
+    workdir = Path(tempfile.mkdtemp(prefix="graphprune-distill-"))
+    bar, update = progress_printer(total_steps(spec, 1), console, World())
+    try:
+        with bar:
+            return distill(teacher, student, train, holdout, spec, workdir, progress=update)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@torch.no_grad()
+def heldout_loss(model: nn.Module, sequences: torch.Tensor, batch_size: int) -> float:
+    """Mean next-token cross-entropy (`lm_loss`) over all tokens of the held-out sequences."""
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for ids in sequences.split(batch_size):
+        ids = ids.to(device)
+        tokens = ids[:, 1:].numel()
+        total += lm_loss(_logits(model, ids), ids).item() * tokens
+        count += tokens
+    return total / count
 
 
 def split_holdout(samples: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:

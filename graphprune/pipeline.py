@@ -59,6 +59,13 @@ class PassContext:
     report: dict[str, Any] = field(default_factory=dict)
     console: Console = field(default_factory=lambda: Console(stderr=True))
 
+    def section(self, name: str) -> Any:
+        """The spec section a pass is configured by (`distill`, `export`, `bench`); an error when it is absent."""
+        value = getattr(self.spec, name)
+        if value is None:
+            raise PipelineError(f"{name}: the spec has no '{name}' section")
+        return value
+
     def progress(self, description: str, total: int) -> Progress:
         bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                        console=self.console, transient=True)

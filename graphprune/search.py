@@ -20,18 +20,15 @@ import hashlib
 import itertools
 import json
 import os
-import shutil
-import statistics
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .api import Analysis, analyze
+from .distill import distill_in_process, heldout_loss
 from .pipeline import PASSES, PassContext, PipelineError, load_passes
 from .planning import PlanError, count_params, drop_lowest, plan_sizes
 from .spec import SEARCH_AXES, AxisSpace, Spec, TargetsSpec
@@ -202,20 +199,6 @@ def _materialize(base: PassContext, candidate: Candidate) -> torch.nn.Module:
     return model
 
 
-@torch.no_grad()
-def heldout_loss(model: torch.nn.Module, sequences: torch.Tensor, batch_size: int) -> float:
-    """Mean next-token cross-entropy over the held-out sequences."""
-    model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for ids in sequences.split(batch_size):
-        ids = ids.to(device)
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-        total += F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
-        count += ids[:, 1:].numel()
-    return total / count
-
-
 def spearman(first: list[float], second: list[float]) -> float | None:
     """Rank correlation of two lists of losses (no ties expected in measured losses)."""
     if len(first) < 2:
@@ -368,18 +351,11 @@ def run_search(spec: Spec, console: Any) -> dict[str, Any]:
 
 
 def _short_distill(base: PassContext, candidate: Candidate, train, holdout, eval_set, folder: Path) -> None:
-    from .distill import distill, progress_printer, World
     from .export.hf import write_hf_checkpoint
 
     student = _materialize(base, candidate)
-    bar, update = progress_printer(total_steps_of(base.spec), base.console, World())
     clock = time.perf_counter()
-    workdir = Path(tempfile.mkdtemp(prefix="graphprune-search-"))
-    try:
-        with bar:
-            result = distill(base.analysis.model, student, train, holdout, base.spec.distill, workdir, progress=update)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    result = distill_in_process(base.analysis.model, student, train, holdout, base.spec.distill, base.console)
     candidate.seconds["distill"] = round(time.perf_counter() - clock, 3)
     clock = time.perf_counter()
     candidate.kd_kl = result.eval_loss
@@ -388,33 +364,23 @@ def _short_distill(base: PassContext, candidate: Candidate, train, holdout, eval
     write_hf_checkpoint(student, folder, tokenizer_from=base.spec.model.path)  # what bench runs
 
 
-def total_steps_of(spec: Spec) -> int:
-    from .distill import total_steps
-
-    return total_steps(spec.distill, 1)
-
-
 def _bench(spec: Spec, out: Path, candidates: list[Candidate], console: Any) -> None:
     """Generation speed of the candidates (and of the original, the reference), in one bench run."""
-    from .bench import BenchSettings, bench
+    from .bench import BenchSettings, bench, end_to_end_seconds
 
     if not candidates:
         return
     settings = spec.search.bench
-    bench_settings = BenchSettings(engine=settings.engines[0], batch=settings.batch, input_len=settings.input_len,
-                                   output_len=settings.output_len, repeats=settings.repeats, threads=settings.threads,
-                                   device=spec.model.device)
+    bench_settings = BenchSettings.from_spec(settings, settings.engines[0], spec.model.device)
     clock = time.perf_counter()
     with console.status("benchmarking the top candidates...") as status:
         report = bench([spec.model.path] + [str(out / "candidates" / c.key) for c in candidates], bench_settings,
                        progress=lambda what: status.update(f"benchmarking {what}..."))
     seconds = (time.perf_counter() - clock) / (len(candidates) + 1)
     generated = settings.batch * settings.output_len
-    speeds = [generated / (statistics.median(r["prefill_seconds"]) + statistics.median(r["decode_seconds"]))
-              for r in report["results"]]
-    for candidate, speed in zip(candidates, speeds[1:]):
-        candidate.tokens_per_s = round(speed, 2)
-        candidate.relative_throughput = round(speed / speeds[0], 4)
+    for candidate, result in zip(candidates, report["results"][1:]):
+        candidate.tokens_per_s = round(generated / end_to_end_seconds(result), 2)
+        candidate.relative_throughput = round(result["speedup_vs_first"], 4)  # against the original
         candidate.seconds["bench"] = round(seconds, 3)
 
 
@@ -422,19 +388,12 @@ def _final_distill(base: PassContext, best: Candidate, train, holdout, eval_set,
     """The winner, from its short-KD weights, distilled `final_distill_steps` more into <output>/winner."""
     from transformers import AutoModelForCausalLM
 
-    from .distill import distill, progress_printer, World
     from .export.hf import write_hf_checkpoint
 
     spec = base.spec.distill.model_copy(update={"steps": base.spec.search.final_distill_steps, "tokens": None})
     student = AutoModelForCausalLM.from_pretrained(out / "candidates" / best.key, dtype=torch.float32)
     student.to(next(base.analysis.model.parameters()).device)
-    bar, update = progress_printer(spec.steps, base.console, World())
-    workdir = Path(tempfile.mkdtemp(prefix="graphprune-search-final-"))
-    try:
-        with bar:
-            result = distill(base.analysis.model, student, train, holdout, spec, workdir, progress=update)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    result = distill_in_process(base.analysis.model, student, train, holdout, spec, base.console)
     write_hf_checkpoint(student, out / "winner", tokenizer_from=base.spec.model.path)
     return {"folder": str(out / "winner"), "steps": result.steps, "tokens": result.tokens,
             "loss": heldout_loss(student, eval_set, spec.micro_batch_size), "kd_kl": result.eval_loss}

@@ -9,9 +9,7 @@ from graphprune.pipeline import PassContext, PassResult, PipelineError, register
 @register_pass("bench", requires=("pruned_model",))
 def bench(ctx: PassContext) -> PassResult:
     """Each engine of `bench.engines` on the original model folder and on the written output."""
-    spec = ctx.spec.bench
-    if spec is None:
-        raise PipelineError("bench: the spec has no 'bench' section")
+    spec = ctx.section("bench")
     if ctx.workdir is None or ctx.analysis.family is None:
         raise PipelineError("bench: needs a written Hugging Face family model (not a dry run, not model.pt2)")
     results = {}
@@ -19,8 +17,7 @@ def bench(ctx: PassContext) -> PassResult:
     for engine in spec.engines:
         # the onnxruntime engine exports a model folder first, unless the export pass already did
         pruned = exported_onnx if engine == "onnxruntime" and exported_onnx.is_dir() else ctx.workdir
-        settings = BenchSettings(engine=engine, batch=spec.batch, input_len=spec.input_len, output_len=spec.output_len,
-                                 repeats=spec.repeats, threads=spec.threads, device=ctx.spec.model.device)
+        settings = BenchSettings.from_spec(spec, engine, ctx.spec.model.device)
         with ctx.console.status(f"benchmarking ({engine})...") as status:
             results[engine] = run_bench([ctx.spec.model.path, str(pruned)], settings,
                                         progress=lambda what: status.update(f"benchmarking {what}..."),

@@ -9,9 +9,7 @@ from graphprune.pipeline import PassContext, PassResult, PipelineError, register
 @register_pass("export", requires=("pruned_model",))
 def export(ctx: PassContext) -> PassResult:
     """Every format in `export.formats`, from the final (pruned, distilled) model."""
-    spec = ctx.spec.export
-    if spec is None:
-        raise PipelineError("export: the spec has no 'export' section")
+    spec = ctx.section("export")
     if ctx.analysis.family is None:
         raise PipelineError("export: needs a Hugging Face family model (the generic output is model.pt2)")
     if ctx.workdir is None:
