@@ -11,10 +11,12 @@ from typing import Any
 
 from torch import nn
 
+from graphprune.errors import UserError
+
 FORMATS = ("hf", "onnx", "trtllm")
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """The model cannot be exported in the asked format; the message says why and what would work."""
 
 
@@ -53,12 +55,13 @@ def export_path(model_path: str, fmt: str, out: Path, *, force: bool = False, **
     """`graphprune export`: load the model folder (or hub id) and write `fmt` into `out`, atomically."""
     from transformers import AutoModelForCausalLM
 
-    from graphprune.pipeline import AtomicOutput
+    from graphprune.outputs import AtomicOutput
 
     if fmt not in FORMATS:
         raise ExportError(f"--format: unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto").eval()  # onnx converts to float32 itself
-    with AtomicOutput(Path(out), force) as workdir:
+    model_folder = {"the model folder": Path(model_path)} if Path(model_path).is_dir() else {}
+    with AtomicOutput(Path(out), force, inputs=model_folder) as workdir:
         summary = export_model(model, fmt, workdir, tokenizer_from=model_path if Path(model_path).is_dir() else None,
                                **options)
     return {**summary, "folder": str(out)}

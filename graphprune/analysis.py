@@ -19,10 +19,11 @@ from torch.export.graph_signature import InputKind
 from torch.fx import Node
 
 from .axes import AxisError, AxisStore, Broadcast, Expr
+from .errors import UserError
 from .oprules import Axes, rule_for
 
 
-class AnalysisError(Exception):
+class AnalysisError(UserError):
     """The analysis met an op it cannot follow on a channel axis."""
 
 

@@ -10,8 +10,9 @@ import torch
 
 from .api import Analysis, analyze
 from .data import check_data, check_vocabulary, load_tokenizer
-from .families import FamilyMismatch
-from .pipeline import AtomicOutput, PassContext, PipelineError, load_passes, pipeline_of, run_pipeline, write_json
+from .importance import SPEC_FIELD_OF_KIND, method_for
+from .outputs import AtomicOutput
+from .pipeline import PassContext, PipelineError, load_passes, pipeline_of, run_pipeline, write_json
 from .planning import PlanError, count_params, plan_sizes, config_values
 from .spec import Spec
 
@@ -27,8 +28,25 @@ def apply(spec: Spec, *, model: torch.nn.Module | None = None, dry_run: bool = F
     """
     load_passes(spec.plugins)
     meta = dry_run or spec.model.device == "meta"
-    if not meta and spec.output is None:
+    if meta:
+        ctx = _prepared_context(spec, model, meta=True, console=console)
+        started = time.perf_counter()
+        run_pipeline(ctx, pipeline_of(spec, dry_run=True))
+        return _report(ctx, started)
+    if spec.output is None:
         raise PipelineError("output: a full run needs an output directory (or use --dry-run to plan only)")
+    # the output's lock is held from before loading to the end: a second run to it fails at once
+    with AtomicOutput(spec.output, force, **protected_paths(spec)) as workdir:
+        ctx = _prepared_context(spec, model, meta=False, console=console)
+        ctx.workdir = workdir
+        started = time.perf_counter()
+        run_pipeline(ctx, pipeline_of(spec, dry_run=False))
+        report = _report(ctx, started)
+        write_json(workdir / "report.json", report)
+    return report
+
+
+def _prepared_context(spec: Spec, model: torch.nn.Module | None, meta: bool, console) -> PassContext:
     analysis = analyze(model if model is not None else spec.model.path, meta=meta,
                        trust_remote_code=spec.model.trust_remote_code)
     _to_runtime(analysis, spec)
@@ -36,16 +54,27 @@ def apply(spec: Spec, *, model: torch.nn.Module | None = None, dry_run: bool = F
     if console is not None:
         ctx.console = console
     preflight(ctx)
-    started = time.perf_counter()
-    if meta:
-        run_pipeline(ctx, pipeline_of(spec, dry_run=True))
-        return _report(ctx, started)
-    with AtomicOutput(Path(spec.output), force) as workdir:
-        ctx.workdir = workdir
-        run_pipeline(ctx, pipeline_of(spec, dry_run=False))
-        report = _report(ctx, started)
-        write_json(workdir / "report.json", report)
-    return report
+    return ctx
+
+
+def protected_paths(spec: Spec) -> dict[str, dict[str, Path]]:
+    """The user's files an output must not overwrite: model and teacher folders (never written into),
+    the spec's folder and the data files' folders (never replaced). Hub ids have no local folder."""
+
+    def folder(value: str | None) -> Path | None:
+        if value is None or not Path(value).exists():
+            return None
+        return Path(value) if Path(value).is_dir() else Path(value).parent
+
+    inputs = {"the model folder": folder(spec.model.path),
+              "the teacher's folder": folder(spec.distill.teacher if spec.distill else None),
+              "the tokenizer folder": folder(spec.calibration.tokenizer if spec.calibration else None)}
+    sources = {"the spec's folder": spec.source_dir,
+               "the calibration data's folder": folder(spec.calibration.data.path if spec.calibration else None),
+               "the distillation data's folder": folder(spec.distill.data.path if spec.distill and spec.distill.data
+                                                        else None)}
+    return {"inputs": {k: v for k, v in inputs.items() if v is not None},
+            "sources": {k: v for k, v in sources.items() if v is not None}}
 
 
 def _to_runtime(analysis: Analysis, spec: Spec) -> None:
@@ -59,6 +88,7 @@ def preflight(ctx: PassContext) -> None:
     """Every check that needs no forward pass, before anything runs: targets, family, data, tokenizer."""
     spec, analysis = ctx.spec, ctx.analysis
     plan = plan_sizes(analysis, spec.targets)
+    _check_removal_scores(spec, analysis, plan.sizes)
     if analysis.family is None and spec.targets.num_layers is not None:
         raise PlanError("targets.num_layers: depth pruning needs a family adapter (Nemotron-H, Mamba2, Llama); "
                         "the generic graph path prunes widths only")
@@ -68,8 +98,8 @@ def preflight(ctx: PassContext) -> None:
     if ctx.dry_run:
         return
     if _needs_calibration(spec) and spec.calibration is None:
-        raise PipelineError("calibration: activation and KL/cosine scores need calibration data; add a "
-                            "'calibration' section or set importance methods to 'magnitude'/'random'")
+        raise PipelineError("calibration: activation, taylor, removal and KL/cosine scores need calibration data; "
+                            "add a 'calibration' section or set importance methods to 'magnitude'/'random'")
     if spec.calibration is not None:
         check_data(spec.calibration.data, "calibration.data")
         tokenizer = load_tokenizer(spec.calibration.tokenizer or spec.model.path, spec.model.trust_remote_code)
@@ -80,11 +110,26 @@ def preflight(ctx: PassContext) -> None:
         check_data(spec.distill.data, "distill.data")
 
 
+REMOVAL_KINDS = ("attention_heads", "mamba_heads")
+
+
+def _check_removal_scores(spec: Spec, analysis: Analysis, sizes: dict[str, int]) -> None:
+    """`removal` costs one forward per unit: heads only (FFN neurons, channels: use taylor)."""
+    for group in analysis.groups:
+        method = method_for(spec.importance, group)
+        if method == "removal" and sizes[group.name] < group.size and group.kind not in REMOVAL_KINDS:
+            field = SPEC_FIELD_OF_KIND[group.kind]
+            raise PlanError(f"importance.{field}: 'removal' scores heads (one forward per unit); {group.name} has "
+                            f"{group.size} {group.kind} units: use 'taylor' for it")
+
+
 def _needs_calibration(spec: Spec) -> bool:
     importance = spec.importance
-    activation = "activation" in (importance.hidden, importance.ffn, importance.mamba, importance.attention)
+    data_driven = {importance.hidden, importance.ffn, importance.mamba, importance.attention} & {
+        "activation", "taylor", "removal"}
     depth = spec.targets.num_layers is not None and importance.depth != "random"
-    return activation or depth
+    listed = {p.name for p in spec.passes or []}
+    return bool(data_driven) or depth or "reconstruct" in listed
 
 
 def config_summary(analysis: Analysis, config: Any | None, sizes: dict[str, int]) -> dict[str, Any]:
@@ -93,6 +138,9 @@ def config_summary(analysis: Analysis, config: Any | None, sizes: dict[str, int]
         return {name: size for name, size in sizes.items()}
     keys = sorted({g.config_key for g in analysis.groups if g.config_key} | {"num_key_value_heads", "num_hidden_layers"})
     return {k: getattr(config, k) for k in keys if hasattr(config, k)}
+
+
+EXPLICIT_REPORT_KEYS = {"groups", "dropped_layers", "passes", "seconds_per_pass"}
 
 
 def _report(ctx: PassContext, started: float) -> dict[str, Any]:
@@ -117,7 +165,7 @@ def _report(ctx: PassContext, started: float) -> dict[str, Any]:
         "pruned": {"params": count_params(analysis, plan.sizes, dropped) if plan else analysis.params,
                    "config": config_summary(analysis, pruned_config, plan.sizes if plan else original_sizes)},
         "groups": ctx.report.get("groups", {}),
-        **{key: ctx.report[key] for key in ("evaluation", "distill", "bench", "export") if key in ctx.report},
+        **{key: value for key, value in ctx.report.items() if key not in EXPLICIT_REPORT_KEYS},  # every pass's entry
         "dropped_layers": dropped,
         "passes": ctx.report.get("passes", []),
         "seconds_per_pass": {"analyze": round(sum(analysis.timings.values()), 3), **ctx.report.get("seconds_per_pass", {})},
@@ -126,5 +174,3 @@ def _report(ctx: PassContext, started: float) -> dict[str, Any]:
         **({"note": note} if note else {}),
     }
 
-
-USER_ERRORS = (PlanError, PipelineError, FamilyMismatch)

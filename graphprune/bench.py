@@ -28,10 +28,12 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from .errors import UserError
+
 ENGINES = ("torch", "onnxruntime", "trtllm")
 
 
-class BenchError(RuntimeError):
+class BenchError(UserError, RuntimeError):
     """A benchmark that cannot run as asked (missing engine, unsupported model, failed worker)."""
 
 

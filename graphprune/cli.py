@@ -13,21 +13,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .analysis import AnalysisError
 from .api import Analysis, analyze
-from .bench import BenchError
 from .data import DataError
-from .export import ExportError
-from .families import FamilyMismatch
-from .pipeline import PipelineError
-from .planning import PlanError
-from .spec import SpecError, json_schema, load_spec
-from .trace import LoadError, TraceError
+from .errors import UserError
+from .spec import json_schema, load_spec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Structured pruning of hybrid LMs as graph rewrites.")
 stderr = Console(stderr=True)
-USER_ERRORS = (LoadError, TraceError, AnalysisError, FamilyMismatch, SpecError, DataError, PlanError, PipelineError,
-               BenchError, ExportError)
+USER_ERRORS = (UserError,)  # subclasses of UserError are the user's to fix; anything else is a bug
 
 
 def _console() -> Console:
@@ -98,11 +91,11 @@ def distill(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """Distil the pruned student (spec `output`) from the teacher (spec `model`); torchrun-ready."""
-    from .distill import DistillError, run_distill
+    from .distill import run_distill
 
     try:
         summary = run_distill(load_spec(spec_path), resume=resume, until_step=until_step, console=stderr)
-    except (*USER_ERRORS, DistillError) as err:
+    except USER_ERRORS as err:
         raise _fail(err) from None
     if int(__import__("os").environ.get("RANK", "0")) != 0:
         return
@@ -118,7 +111,10 @@ def distill(
 def eval_command(
     model: Annotated[str, typer.Argument(help="A Hugging Face model folder (or hub id).")],
     data: Annotated[str | None, typer.Option(help="Held-out text (.txt/.txt.gz/.jsonl); default: the demo corpus' validation split.")] = None,
-    probes: Annotated[str, typer.Option(help="Comma-separated probes: mqar, induction, copy ('' for none).")] = "mqar,induction,copy",
+    probes: Annotated[str | None, typer.Option(help="Comma-separated probes: mqar, induction, copy ('' for none); "
+                                                    "default: all three for models with the demo tokenizer, else none.")] = None,
+    join: Annotated[str, typer.Option(help="'documents': documents tokenized apart, EOS between; 'raw': the file as one "
+                                           "string, tokenized once without special tokens.")] = "documents",
     seq_len: Annotated[int, typer.Option(help="Tokens per window and per probe sequence.")] = 256,
     max_tokens: Annotated[int, typer.Option(help="Held-out tokens to score.")] = 32768,
     samples: Annotated[int, typer.Option(help="Sequences per probe.")] = 64,
@@ -128,11 +124,11 @@ def eval_command(
     """Perplexity on held-out text and probe accuracies (MQAR, induction, selective copy)."""
     from .evaluate import evaluate_path
 
-    names = [p.strip() for p in probes.split(",") if p.strip()]
+    names = None if probes is None else [p.strip() for p in probes.split(",") if p.strip()]
     try:
         with stderr.status("evaluating..."):
             result = evaluate_path(model, data=data, probes=names, seq_len=seq_len, max_tokens=max_tokens,
-                                   probe_samples=samples, seed=seed)
+                                   probe_samples=samples, seed=seed, join=join)
     except (*USER_ERRORS, ValueError, OSError) as err:
         raise _fail(err) from None
     if as_json:

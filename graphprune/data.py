@@ -10,15 +10,18 @@ from typing import Any
 
 import torch
 
+from .errors import UserError
 from .spec import CalibrationSpec, DataSpec
 
 
-class DataError(Exception):
+class DataError(UserError):
     """The data cannot be read or is too small for what the spec asks."""
 
 
 def check_data(data: DataSpec, where: str) -> None:
     """Fail early (before any weights change) when a local data file is missing."""
+    if data.path is not None and Path(data.path).is_dir():
+        raise DataError(f"{where}.path: {data.path} is a folder; give a text file (.txt, .txt.gz, .jsonl, .json, .parquet)")
     if data.path is not None and not Path(data.path).is_file():
         raise DataError(f"{where}.path: {data.path} does not exist")
 
@@ -56,7 +59,9 @@ def _json_texts(path: Path, field: str) -> list[str]:
     for i, record in enumerate(records):
         if not isinstance(record, dict) or field not in record:
             raise DataError(f"{path}: record {i} has no field {field!r} (set data.text_field)")
-        texts.append(str(record[field]))
+        if not isinstance(record[field], str):  # never train on the string "None" or "123"
+            raise DataError(f"{path}: record {i}: field {field!r} is {type(record[field]).__name__}, not text")
+        texts.append(record[field])
     return texts
 
 
@@ -66,7 +71,11 @@ def _parquet_texts(path: Path, field: str) -> list[str]:
     except ImportError as err:
         raise DataError("reading parquet needs pyarrow: pip install pyarrow") from err
     table = pq.read_table(path, columns=[field])
-    return [str(v) for v in table.column(field).to_pylist()]
+    values = table.column(field).to_pylist()
+    bad = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)
+    if bad is not None:
+        raise DataError(f"{path}: row {bad}: field {field!r} is {type(values[bad]).__name__}, not text")
+    return values
 
 
 def _hub_texts(data: DataSpec) -> list[str]:

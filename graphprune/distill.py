@@ -29,13 +29,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import UserError
 from .spec import DistillSpec
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
 
 
-class DistillError(Exception):
+class DistillError(UserError):
     """Distillation cannot run (mismatched vocabularies, not enough data, no checkpoint to resume)."""
 
 

@@ -32,7 +32,18 @@ def perplexity(model: Any, ids: torch.Tensor, seq_len: int, batch_size: int = 8)
     return math.exp(total / max(count, 1)), count
 
 
-def text_tokens(tokenizer: Any, data: str | Path, max_tokens: int) -> torch.Tensor:
+def text_tokens(tokenizer: Any, data: str | Path, max_tokens: int, join: str = "documents") -> torch.Tensor:
+    """Held-out token ids. `documents`: the file's documents (blank-line separated blocks, JSONL rows)
+    each tokenized without special tokens, EOS between them. `raw`: the whole file as one string,
+    tokenized once without special tokens (the protocol of most published perplexities)."""
+    if join == "raw":
+        path = Path(data)
+        opener = __import__("gzip").open if path.name.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            ids = tokenizer(f.read(), add_special_tokens=False)["input_ids"]
+        return torch.tensor(ids[: max_tokens + 1], dtype=torch.long)
+    if join != "documents":
+        raise ValueError(f"join: {join!r}; choose 'documents' or 'raw'")
     texts = load_texts(DataSpec(path=str(data)))
     ids: list[int] = []
     for text in texts:
@@ -44,14 +55,25 @@ def text_tokens(tokenizer: Any, data: str | Path, max_tokens: int) -> torch.Tens
     return torch.tensor(ids[: max_tokens + 1], dtype=torch.long)
 
 
+def uses_demo_tokenizer(tokenizer: Any) -> bool:
+    """The probes are token-id sequences in the demo tokenizer's layout: meaningful for its models only."""
+    from .data import load_tokenizer as load
+
+    return tokenizer.get_vocab() == load(str(DEMO_DIR)).get_vocab()
+
+
 def evaluate(model: Any, tokenizer: Any, data: str | Path | None = None, probes: list[str] | None = None,
-             seq_len: int = 256, max_tokens: int = 32768, probe_samples: int = 64, seed: int = 0) -> dict[str, Any]:
+             seq_len: int = 256, max_tokens: int = 32768, probe_samples: int = 64, seed: int = 0,
+             join: str = "documents") -> dict[str, Any]:
+    """Perplexity over non-overlapping windows of `seq_len` input tokens (each predicts its seq_len next tokens:
+    the last target is the next window's first token), and the probes (`probes=None`: all of them if the model uses the demo
+    tokenizer, none otherwise)."""
     from .demo.probes import COPY_TOKENS, PROBES, evaluate_probes
 
     model.eval()
-    ids = text_tokens(tokenizer, data or DEFAULT_DATA, max_tokens)
+    ids = text_tokens(tokenizer, data or DEFAULT_DATA, max_tokens, join)
     ppl, tokens = perplexity(model, ids, seq_len)
-    names = list(PROBES) if probes is None else probes
+    names = (list(PROBES) if uses_demo_tokenizer(tokenizer) else []) if probes is None else probes
     unknown = [n for n in names if n not in PROBES]
     if unknown:
         raise ValueError(f"unknown probe {', '.join(unknown)}; choose from {', '.join(PROBES)}")
@@ -64,6 +86,7 @@ def evaluate(model: Any, tokenizer: Any, data: str | Path | None = None, probes:
 
 
 def evaluate_path(model_path: str, **kwargs: Any) -> dict[str, Any]:
+    """`graphprune eval`: load a model folder (or hub id) in float32 and evaluate it."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)

@@ -11,10 +11,11 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import UserError
 from .groups import Structure
 
 
-class FamilyMismatch(Exception):
+class FamilyMismatch(UserError):
     """The derived structure disagrees with the family's config."""
 
 

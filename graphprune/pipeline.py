@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.console import Console
 
 from .api import Analysis
+from .errors import UserError
 from .planning import Plan
 from .spec import Spec
 
@@ -32,7 +31,7 @@ DEFAULT_PIPELINE = ["calibrate", "score_depth", "plan", "prune", "drop_layers", 
 DRY_RUN_PIPELINE = ["plan"]
 
 
-class PipelineError(Exception):
+class PipelineError(UserError):
     """A pass cannot run (a missing input, an unknown pass name, a failing check)."""
 
 
@@ -52,6 +51,7 @@ class PassContext:
     dry_run: bool = False
     batches: list[torch.Tensor] | None = None
     activations: dict[str, torch.Tensor] = field(default_factory=dict)   # per-channel scores per site
+    unit_scores: dict[str, torch.Tensor] = field(default_factory=dict)   # taylor/removal scores per group
     depth_scores: torch.Tensor | None = None
     plan: Plan | None = None
     state_dict: dict[str, torch.Tensor] | None = None  # the pruned weights, by original name
@@ -142,40 +142,14 @@ def pipeline_of(spec: Spec, dry_run: bool) -> list[tuple[str, dict[str, Any]]]:
         steps = [(p.name, p.args) for p in spec.passes]
     else:
         names = list(DEFAULT_PIPELINE)
+        if spec.reconstruct is not None and spec.calibration is not None:  # refit before dropping and writing
+            names.insert(names.index("prune") + 1, "reconstruct")
         if spec.distill is not None:  # recover the pruned model before it is verified
             names.insert(names.index("verify"), "distill")
         steps = [(name, {}) for name in names]
     # an `export` or `bench` section runs its pass last, unless the explicit pipeline places it
     listed = {name for name, _ in steps}
     return steps + [(name, {}) for name in ("export", "bench") if getattr(spec, name) is not None and name not in listed]
-
-
-class AtomicOutput:
-    """Build the output in a hidden sibling folder; move it into place only when everything worked."""
-
-    def __init__(self, target: Path, force: bool):
-        self.target = target
-        if target.exists() and not force:
-            raise PipelineError(f"output {target} exists; pass --force to replace it")
-        self.temp = target.parent / f".{target.name}.partial-{os.getpid()}"
-
-    def __enter__(self) -> Path:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(self.temp, ignore_errors=True)
-        self.temp.mkdir()
-        return self.temp
-
-    def __exit__(self, kind, value, traceback) -> None:
-        if kind is not None:
-            shutil.rmtree(self.temp, ignore_errors=True)
-            return
-        old = None
-        if self.target.exists():
-            old = self.target.parent / f".{self.target.name}.old-{os.getpid()}"
-            self.target.rename(old)
-        self.temp.rename(self.target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 import torch
 
 from .api import Analysis
+from .errors import UserError
 from .groups import Group, LayoutConcat
 from .spec import TargetsSpec
 
 
-class PlanError(Exception):
+class PlanError(UserError):
     """The targets cannot be met; the message names the target and what would be valid."""
 
 
@@ -35,10 +36,9 @@ class Plan:
 
 
 def plan_sizes(analysis: Analysis, targets: TargetsSpec) -> Plan:
-    """Sizes for every group from the targets (or from a parameter budget), validated."""
-    if targets.params is not None:
-        return _fit_budget(analysis, targets.params)
+    """Sizes for every group from the targets (and a parameter budget over the axes not given), validated."""
     sizes = {g.name: g.size for g in analysis.groups}
+    pinned: set[str] = set()
     for key, kind in TARGET_KINDS.items():
         value = getattr(targets, key)
         if value is None:
@@ -49,6 +49,7 @@ def plan_sizes(analysis: Analysis, targets: TargetsSpec) -> Plan:
                             f"{', '.join(sorted({g.kind for g in analysis.groups}))})")
         for group in groups:
             sizes[group.name] = _check_size(f"targets.{key}", group, value)
+        pinned.add(kind)
     if targets.groups:
         if analysis.family is not None:
             raise PlanError(f"targets.groups: {analysis.family.name} checkpoints have one size per layer kind, "
@@ -60,6 +61,8 @@ def plan_sizes(analysis: Analysis, targets: TargetsSpec) -> Plan:
             except KeyError as err:
                 raise PlanError(f"targets.groups.{name}: {err.args[0]}") from None
             sizes[name] = _check_size(f"targets.groups.{name}", group, value)
+    if targets.params is not None:
+        sizes = _fit_budget(analysis, targets.params, sizes, pinned)
     plan = Plan(sizes)
     if targets.num_layers is not None:
         total = len(analysis.layers)
@@ -112,31 +115,70 @@ def _kept_size(layout: tuple, sizes: dict[str, int], group_sizes: dict[str, int]
     return product
 
 
-def _fit_budget(analysis: Analysis, budget: int) -> Plan:
-    """Shrink hidden, FFN and Mamba heads by one common factor until the model fits the budget."""
-    full = {g.name: g.size for g in analysis.groups}
-    if count_params(analysis, full) <= budget:
-        return Plan(full)
-    scalable = [g for g in analysis.groups if g.kind in ("hidden", "ffn", "mamba_heads")]
-    if not scalable:
-        raise PlanError("targets.params: the model has no hidden, FFN or Mamba head groups to shrink")
+BUDGET_KINDS = ("hidden", "ffn", "mamba_heads")
 
-    def sizes_at(factor: float) -> dict[str, int]:
-        sizes = dict(full)
+
+def valid_sizes(analysis: Analysis, sizes: dict[str, int]) -> bool:
+    """Whether the family's own config class accepts these sizes (always, for models without a family)."""
+    if analysis.family is None:
+        return True
+    from .families import FamilyMismatch
+
+    try:
+        analysis.family.pruned_config(analysis.model.config, config_values(analysis, sizes),
+                                      list(range(len(analysis.layers))))
+    except FamilyMismatch:
+        return False
+    return True
+
+
+def _fit_budget(analysis: Analysis, budget: int, start: dict[str, int], pinned: set[str]) -> dict[str, int]:
+    """Shrink the axes not pinned (hidden, FFN, Mamba heads) by one common factor until the model fits the
+    budget, each in its constraint's steps; a size the family's config rejects (Llama: hidden a multiple of
+    the query heads) steps down until the config is valid."""
+    if count_params(analysis, start) <= budget:
+        return start
+    scalable = [g for g in analysis.groups if g.kind in BUDGET_KINDS and g.kind not in pinned]
+    if not scalable:
+        raise PlanError("targets.params: no hidden, FFN or Mamba head axis is left to shrink (the others are pinned "
+                        f"by explicit targets); the pinned sizes already need {count_params(analysis, start):,}")
+
+    def step_of(group: Group) -> int:
+        return group.balanced_groups * (8 if group.kind != "mamba_heads" and group.size >= 64 else 1)
+
+    def sizes_at(factor: float) -> dict[str, int] | None:
+        sizes = dict(start)
         for g in scalable:
-            step = g.balanced_groups * (8 if g.kind != "mamba_heads" and g.size >= 64 else 1)
-            sizes[g.name] = max(step, int(g.size * factor) // step * step)
-        return sizes
+            sizes[g.name] = max(step_of(g), int(g.size * factor) // step_of(g) * step_of(g))
+        for kind in BUDGET_KINDS:  # lower a rejected axis one step at a time (one size per kind)
+            groups = [g for g in scalable if g.kind == kind]
+            while groups and not valid_sizes(analysis, sizes) and sizes[groups[0].name] > step_of(groups[0]):
+                for g in groups:
+                    sizes[g.name] -= step_of(g)
+        return sizes if valid_sizes(analysis, sizes) else None
+
+    def fits(factor: float) -> bool:
+        sizes = sizes_at(factor)
+        return sizes is not None and count_params(analysis, sizes) <= budget
 
     low, high = 0.0, 1.0
-    for _ in range(40):
+    for _ in range(30):
         middle = (low + high) / 2
-        low, high = (middle, high) if count_params(analysis, sizes_at(middle)) <= budget else (low, middle)
+        low, high = (middle, high) if fits(middle) else (low, middle)
     sizes = sizes_at(low)
-    if count_params(analysis, sizes) > budget:
-        raise PlanError(f"targets.params={budget:,} is below the smallest model these axes reach "
-                        f"({count_params(analysis, sizes):,}); add num_layers or choose a larger budget")
-    return Plan(sizes)
+    if sizes is None or count_params(analysis, sizes) > budget:
+        smallest = count_params(analysis, sizes) if sizes else None
+        raise PlanError(f"targets.params={budget:,} is below the smallest valid model these axes reach"
+                        f"{f' ({smallest:,})' if smallest else ''}; add num_layers or choose a larger budget")
+    # a coarse step (hidden in Llama) can leave budget unused: give it back to FFN, then Mamba heads, then hidden
+    for kind in ("ffn", "mamba_heads", "hidden"):
+        groups = [g for g in scalable if g.kind == kind]
+        while groups and sizes[groups[0].name] + step_of(groups[0]) <= groups[0].size:
+            grown = {**sizes, **{g.name: sizes[g.name] + step_of(g) for g in groups}}
+            if count_params(analysis, grown) > budget or not valid_sizes(analysis, grown):
+                break
+            sizes = grown
+    return sizes
 
 
 def choose_units(group: Group, scores: torch.Tensor, keep: int, group_aware: bool = True) -> list[int]:

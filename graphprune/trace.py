@@ -11,12 +11,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import UserError
 
-class LoadError(Exception):
+
+class LoadError(UserError):
     """The model source could not be found or read."""
 
 
-class TraceError(Exception):
+class TraceError(UserError):
     """torch.export could not trace the model."""
 
 
@@ -79,16 +81,25 @@ def _read_config(path: Path, trust_remote_code: bool) -> Any:
     from transformers import AutoConfig
 
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        data = json.loads(path.read_text(), object_hook=_special_floats)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise LoadError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise LoadError(f"{path}: a config is a JSON object, not {type(data).__name__}")
     model_type = data.pop("model_type", None)
     if model_type is None:
         raise LoadError(f"{path}: a config needs a 'model_type' (e.g. 'nemotron_h', 'llama', 'mamba2')")
     try:
         return AutoConfig.for_model(model_type, **data)
-    except ValueError as err:
-        raise LoadError(f"{path}: {err}") from err
+    except (ValueError, TypeError) as err:  # unknown model_type, or the config class' own validation
+        raise LoadError(f"{path}: {str(err).splitlines()[0][:300]}") from err
+
+
+def _special_floats(obj: dict) -> Any:
+    """transformers writes inf/nan (e.g. Mamba's time_step_limit) as {"__float__": "Infinity"}."""
+    if set(obj) == {"__float__"}:
+        return float(obj["__float__"])
+    return obj
 
 
 def _from_config(config: Any, dtype: torch.dtype | None) -> nn.Module:

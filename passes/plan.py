@@ -5,25 +5,21 @@ from __future__ import annotations
 import torch
 
 from graphprune.groups import Group
-from graphprune.importance import activation_sites, magnitude_scores, mamba_scores, random_scores, unit_scores
+from graphprune.importance import (activation_sites, magnitude_scores, mamba_scores, method_for, random_scores,
+                                   unit_scores)
 from graphprune.pipeline import PassContext, PassResult, PipelineError, register_pass
 from graphprune.planning import choose_units, count_params, drop_lowest, plan_sizes
 
-METHOD_OF_KIND = {"hidden": "hidden", "ffn": "ffn", "mamba_heads": "mamba", "mamba_head_dim": "mamba",
-                  "attention_heads": "attention"}
-
-
-def method_for(ctx: PassContext, group: Group) -> str:
-    attribute = METHOD_OF_KIND.get(group.kind)
-    return getattr(ctx.spec.importance, attribute) if attribute else "magnitude"
-
-
 def _scores(ctx: PassContext, group: Group) -> torch.Tensor:
-    method = method_for(ctx, group)
+    method = method_for(ctx.spec.importance, group)
     if method == "magnitude":
         return magnitude_scores(ctx.analysis.model, group)
     if method == "random":
         return random_scores(group, ctx.spec.calibration.seed if ctx.spec.calibration else 0)
+    if method in ("taylor", "removal"):
+        if group.name not in ctx.unit_scores:
+            raise PipelineError(f"plan: {group.name} is scored by {method}, but no calibrate pass ran before plan")
+        return ctx.unit_scores[group.name]
     if not ctx.activations:
         raise PipelineError(f"plan: {group.name} is scored by activations, but no calibrate pass ran before plan")
     return unit_scores(group, activation_sites(ctx.analysis, group), ctx.activations)
@@ -37,11 +33,12 @@ def _choose_mamba(ctx: PassContext, heads: Group, kept: dict[str, list[int]], su
     """Algorithm 1 for one Mamba layer: head_dim channels first, then heads ranked on kept channels."""
     sizes = ctx.plan.sizes
     head_dim = _head_dim_of(ctx, heads)
-    if method_for(ctx, heads) == "activation":
+    if method_for(ctx.spec.importance, heads) == "activation":
         head_scores, channel_scores = mamba_scores(heads, head_dim, activation_sites(ctx.analysis, heads),
                                                    ctx.activations, sizes[head_dim.name], ctx.spec.importance.mamba_nested)
-    else:
-        head_scores, channel_scores = _scores(ctx, heads), _scores(ctx, head_dim)
+    else:  # only the shrunk axes are scored
+        head_scores = _scores(ctx, heads) if sizes[heads.name] < heads.size else None
+        channel_scores = _scores(ctx, head_dim) if sizes[head_dim.name] < head_dim.size else None
     for group, scores in ((head_dim, channel_scores), (heads, head_scores)):
         if sizes[group.name] < group.size:
             kept[group.name] = choose_units(group, scores, sizes[group.name], ctx.spec.importance.group_aware)

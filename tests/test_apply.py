@@ -28,7 +28,8 @@ def workspace(tmp_path_factory):
 def run(workspace, model, targets, name, **extra):
     spec = {"model": {"path": str(workspace[model])},
             "calibration": {"data": {"path": str(workspace["text"])}, "num_samples": 8, "seq_len": 64},
-            "targets": targets, "output": str(workspace["root"] / name), **extra}
+            "targets": targets, "output": str(workspace["root"] / name),
+            "reconstruct": None, **extra}  # the masking oracles compare the cut itself
     report = apply(parse_spec(spec), force=True)
     return report, AutoModelForCausalLM.from_pretrained(workspace["root"] / name).eval()
 

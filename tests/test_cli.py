@@ -60,3 +60,17 @@ def test_apply_dry_run_json_and_schema(tmp_path):
     assert refused.exit_code == 2 and "not a multiple of 2" in refused.output
     schema = runner.invoke(app, ["schema"])
     assert json.loads(schema.stdout)["title"] == "Spec"
+
+
+def test_eval_raw_join_scores_the_file_as_one_stream(tmp_path):
+    from checkpoints import DEMO, write_text
+    from graphprune.data import load_tokenizer
+    from graphprune.evaluate import text_tokens, uses_demo_tokenizer
+
+    text = write_text(tmp_path / "held.txt", chars=4000)
+    tokenizer = load_tokenizer(str(DEMO))
+    raw = text_tokens(tokenizer, text, 10_000, join="raw")
+    assert raw.tolist() == tokenizer(text.read_text(), add_special_tokens=False)["input_ids"]
+    documents = text_tokens(tokenizer, text, 10_000)
+    assert (documents == tokenizer.eos_token_id).sum() >= 2 and (raw == tokenizer.eos_token_id).sum() == 0
+    assert uses_demo_tokenizer(tokenizer)

@@ -127,3 +127,54 @@ def test_plugin_pass_runs_from_a_spec(checkpoint):
     plugin = next(p for p in report["passes"] if p["name"] == "count_pruned_ffn")
     assert plugin["label"] == "demo" and plugin["pruned_units"] == 2 * (80 - 40)
     assert (checkpoint["root"] / "out" / "model.safetensors").is_file()
+
+
+def smollm_like_config(folder):
+    """A Llama shaped like SmolLM2 (9 query / 3 KV heads, so Llama's config wants hidden % 9 == 0), on meta."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=4096, hidden_size=576, intermediate_size=1536, num_hidden_layers=2,
+                         num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(folder)
+    return folder / "config.json"
+
+
+@pytest.mark.parametrize("family", ["llama", "nemotron_h", "mamba2"])
+@pytest.mark.parametrize("fraction", [0.9, 0.8, 0.6, 0.45])
+def test_budget_yields_configs_the_family_validates_within_the_budget(tmp_path, family, fraction):
+    from graphprune.planning import config_values
+
+    if family == "llama":
+        source = smollm_like_config(tmp_path / "llama")
+    else:
+        config = nemotron_h_config() if family == "nemotron_h" else mamba2_config()
+        config.save_pretrained(tmp_path / family)
+        source = tmp_path / family / "config.json"
+    analysis = analyze(str(source), meta=True)
+    budget = int(analysis.params * fraction)
+    try:
+        plan = plan_sizes(analysis, parse_spec({"model": {"path": "x"}, "targets": {"params": budget}}).targets)
+    except PlanError as err:  # a budget below what widths alone reach is refused with the smallest size
+        assert "below the smallest valid model" in str(err) and fraction <= 0.6
+        return
+    assert count_params(analysis, plan.sizes) <= budget
+    config = analysis.family.pruned_config(analysis.model.config, config_values(analysis, plan.sizes),
+                                           list(range(len(analysis.layers))))
+    rebuilt = type(config).from_dict(config.to_dict())   # the family's own validation, as from_pretrained runs it
+    with torch.device("meta"):
+        from transformers import AutoModelForCausalLM
+        assert AutoModelForCausalLM.from_config(rebuilt).num_parameters() == count_params(analysis, plan.sizes)
+    if family == "llama":
+        assert rebuilt.hidden_size % rebuilt.num_attention_heads == 0
+
+
+def test_budget_with_pinned_axes_keeps_them_and_fits(tmp_path):
+    analysis = analyze(str(smollm_like_config(tmp_path / "llama")), meta=True)
+    budget = int(analysis.params * 0.8)
+    targets = parse_spec({"model": {"path": "x"}, "targets": {"params": budget, "num_attention_heads": 6}}).targets
+    plan = plan_sizes(analysis, targets)
+    assert all(plan.sizes[g.name] == 6 for g in analysis.groups_of_kind("attention_heads"))
+    assert 0.97 * budget <= count_params(analysis, plan.sizes) <= budget
+    with pytest.raises(SpecError, match="num_layers"):
+        parse_spec({"model": {"path": "x"}, "targets": {"params": budget, "num_layers": 1}})

@@ -1,0 +1,135 @@
+"""reconstruct: refit the kept weights of every projection that reads a shrunk group (`reconstruct` section).
+
+For a Linear that reads pruned units through its input columns (o_proj for heads, down_proj for FFN
+neurons, a Mamba out_proj, every projection of the residual stream for the hidden size), the pruned
+layer computes X_K W_K^T where the original computed X W^T.
+The least-squares fit W'_K = W G[:, K] (G[K, K] + ridge)^-1 from the Gram matrix G = X^T X of the
+original model's inputs (one forward pass over the calibration data) makes the pruned output as
+close as it can be to the original's. Only existing weights change: the architecture stays standard.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from graphprune.importance import forward
+from graphprune.pipeline import PassContext, PassResult, PipelineError, register_pass
+from graphprune.rewrite import rewrite_graph
+from graphprune.spec import ReconstructSpec
+
+from .calibrate import ensure_batches
+from .prune import kept_indices
+
+
+def consumers(ctx: PassContext) -> dict[str, list[int]]:
+    """Linear weights that read a shrunk group in their input columns -> their kept input columns.
+
+    For heads, FFN neurons and Mamba heads: o_proj, down_proj, out_proj. For the hidden size: every
+    projection reading the residual stream (q/k/v, gate/up, in_proj, ...). A weight shared with
+    another tensor (tied embeddings) is left alone: refitting it would change the other too.
+    """
+    model = ctx.analysis.model
+    names_of: dict[int, int] = {}
+    for _, tensor in model.named_parameters(remove_duplicate=False):
+        names_of[id(tensor)] = names_of.get(id(tensor), 0) + 1
+    modules = dict(model.named_modules())
+    found: dict[str, list[int]] = {}
+    for group in ctx.plan.shrunk(ctx.analysis):
+        for piece in group.slices:
+            module = piece.param.rsplit(".", 1)[0]
+            if piece.dim != 1 or piece.buffer or not isinstance(modules.get(module), nn.Linear):
+                continue
+            param = f"{module}.weight"
+            source = ctx.analysis.slice_name(param)
+            if param in found or source is None or names_of[id(modules[module].weight)] > 1:
+                continue
+            found[param] = kept_indices(ctx, source, 1)
+    return found
+
+
+@torch.no_grad()
+def input_grams(model: nn.Module, modules: list[str], batches: list[torch.Tensor], progress) -> dict[str, torch.Tensor]:
+    """X^T X (float64) of each module's input over every token of the batches; modules that read the same
+    tensor (q/k/v of one layer) share one matrix."""
+    grams: dict[str, torch.Tensor] = {}
+    owner_of: dict[str, str] = {}
+    seen: dict[int, tuple[str, torch.Tensor]] = {}   # this forward's inputs, kept alive so ids stay unique
+    named = dict(model.named_modules())
+
+    def hook(name):
+        def accumulate(module, args):
+            owner = seen.setdefault(id(args[0]), (name, args[0]))[0]
+            owner_of[name] = owner
+            if owner != name:
+                return
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            grams[name] = grams[name] + x.T @ x if name in grams else x.T @ x
+        return accumulate
+
+    handles = [named[name].register_forward_pre_hook(hook(name)) for name in modules]
+    try:
+        for batch in batches:
+            forward(model, batch)
+            seen.clear()
+            progress(batch.shape[0])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: grams[owner_of[name]] for name in modules}
+
+
+def output_error(weight: torch.Tensor, kept: torch.Tensor, refit: torch.Tensor, gram: torch.Tensor) -> float:
+    """||X_K refit^T - X W^T||^2 / ||X W^T||^2, from the Gram matrix alone."""
+    target = torch.einsum("oi,ij,oj->", weight, gram, weight)
+    cross = torch.einsum("ok,kj,oj->", refit, gram[kept], weight)
+    fitted = torch.einsum("ok,kl,ol->", refit, gram[kept][:, kept], refit)
+    return float((fitted - 2 * cross + target) / target.clamp_min(1e-30))
+
+
+def refit(weight: torch.Tensor, kept: torch.Tensor, gram: torch.Tensor, ridge: float) -> torch.Tensor:
+    """argmin_V ||X_K V^T - X W^T||^2 + ridge * mean(diag G_KK) * ||V||^2."""
+    gram_kept = gram[kept][:, kept]
+    damping = ridge * gram_kept.diagonal().mean().clamp_min(1e-12)
+    system = gram_kept + damping * torch.eye(len(kept), dtype=gram.dtype)
+    right = weight @ gram[:, kept]                                   # [out, K]
+    return torch.linalg.solve(system, right.T).T                     # system is symmetric
+
+
+@register_pass("reconstruct", requires=("plan", "state_dict"), provides=("state_dict", "pruned_model"))
+def reconstruct(ctx: PassContext) -> PassResult:
+    """Least-squares refit of o_proj / down_proj / out_proj kept columns to the original outputs."""
+    spec = ctx.spec.reconstruct or ReconstructSpec()  # listed explicitly in `passes`: the defaults
+    if ctx.spec.calibration is None:
+        raise PipelineError("reconstruct: needs calibration data; add a 'calibration' section")
+    found = consumers(ctx)
+    if not found:
+        return PassResult(summary={"layers": 0})
+    model = ctx.analysis.model
+    batches = ensure_batches(ctx)
+    samples = torch.cat(batches)[: spec.samples] if spec.samples else torch.cat(batches)
+    few = list(samples.split(batches[0].shape[0]))
+    modules = [name.rsplit(".", 1)[0] for name in found]
+    with ctx.progress("reconstructing (input statistics)", len(samples)) as bar:
+        grams = input_grams(model, modules, few, lambda n: bar.advance(bar.task_ids[0], n))
+    weights = dict(model.named_parameters())
+    errors = {}
+    for (param, kept_list), module in zip(found.items(), modules):
+        weight = weights[param].detach().double().cpu()
+        kept = torch.tensor(kept_list, dtype=torch.long)
+        gram = grams[module].cpu()
+        before = output_error(weight, kept, weight[:, kept], gram)
+        fitted = refit(weight, kept, gram, spec.ridge)
+        after = output_error(weight, kept, fitted, gram)
+        if after < before:  # never make the error it minimises worse
+            source = ctx.analysis.slice_name(param)
+            rows = (kept_indices(ctx, source, 0) if 0 in ctx.analysis.structure.param_slices[source]
+                    else list(range(weight.shape[0])))
+            fitted = fitted.index_select(0, torch.tensor(rows, dtype=torch.long))
+            ctx.state_dict[param] = fitted.to(weights[param].dtype).contiguous()
+        errors[module] = {"before": round(before, 6), "after": round(min(after, before), 6)}
+    if ctx.analysis.family is None:  # the generic pruned model is the rewritten graph: rebuild it with the refit
+        ctx.pruned_model = rewrite_graph(ctx.analysis, ctx.plan, ctx.state_dict)
+    ctx.report["reconstruct"] = errors
+    mean = {k: round(sum(e[k] for e in errors.values()) / len(errors), 6) for k in ("before", "after")}
+    return PassResult(changed=True, summary={"layers": len(errors), "relative_error_mean": mean, "samples": len(samples)})
