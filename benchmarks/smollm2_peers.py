@@ -135,11 +135,30 @@ def runs() -> dict[str, dict]:
     return table
 
 
+def markdown_table(results: dict) -> str:
+    """The results as a markdown table, in run order."""
+    lines = ["| run | arch | non-emb removed | importance | reconstruct | perplexity | calibrate s |",
+             "|---|---|---|---|---|---:|---:|"]
+    for name, row in results.items():
+        if name == "unpruned":
+            lines.append(f"| unpruned | {row['arch']} | 0 | | | {row['perplexity']:.3f} | |")
+            continue
+        importance = ", ".join(f"{k}: {v}" for k, v in row.get("importance", {}).items()) or "activation (default)"
+        lines.append(f"| {name} | {row['arch']} | {row['removed']:.1%} | {importance} | "
+                     f"{'yes' if 'reconstruct' in row else 'no'} | {row['perplexity']:,.1f} | "
+                     f"{row['seconds_per_pass'].get('calibrate', 0):.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", nargs="*", help="run names (default: all; see runs())")
     parser.add_argument("--baseline", action="store_true", help="also evaluate the unpruned model")
+    parser.add_argument("--table", action="store_true", help="print the stored results as a markdown table")
     args = parser.parse_args()
+    if args.table:
+        print(markdown_table(json.loads(RESULTS.read_text())))
+        return
     torch.manual_seed(0)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -233,6 +233,8 @@ def distill(teacher: nn.Module, student: nn.Module, train: torch.Tensor, holdout
         start_step, log = state["step"], state["log"]
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
+        if world.main:  # a run killed after its last checkpoint logged steps that will run again: drop them
+            (workdir / LOG).write_text("".join(json.dumps(record) + "\n" for record in log))
     def autocast():
         return torch.autocast(world.device.type, dtype=torch.bfloat16) if spec.dtype == "bfloat16" else nullcontext()
 

@@ -275,7 +275,7 @@ class Spec(_Strict):
     be, contain or lie inside the model's folder, nor be or contain the spec's or the data's folder."""
     reconstruct: ReconstructSpec | None = Field(default_factory=ReconstructSpec)
     """Least-squares refit of the weights that read pruned units, after `prune` (the `reconstruct` pass). On by
-    default when the spec has calibration data (it lowers SmolLM2's perplexity after pruning 25% from 281 to 28);
+    default when the spec has calibration data (SmolLM2 with 25% pruned, taylor scores: perplexity 281 -> 28);
     `null` turns it off (e.g. to compare a cut with masking the original)."""
     distill: DistillSpec | None = None
     """Knowledge distillation of the pruned student from the teacher (`graphprune distill`, or a stage of apply)."""

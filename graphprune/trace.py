@@ -52,13 +52,29 @@ def load_model(
         if meta or not has_weights:
             config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
             return _from_config(config, dtype)
-        return AutoModelForCausalLM.from_pretrained(
+        model, info = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code,
-            use_safetensors=not (path / "pytorch_model.bin").is_file() or None,
-        ).to(device).eval()
+            use_safetensors=not (path / "pytorch_model.bin").is_file() or None, output_loading_info=True,
+        )
+        check_loaded(path, model, info)
+        return model.to(device).eval()
     if path.exists() or str(source).startswith((".", "/")) or str(source).endswith(".json"):
         raise LoadError(f"model source {source!r} is neither a Hugging Face model folder nor a config .json file")
     return _from_hub(str(source), meta=meta, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+
+
+def check_loaded(path: Path, model: nn.Module, info: dict) -> None:
+    """Refuse a checkpoint that does not fill the model exactly, or holds non-finite weights: transformers
+    would initialise a missing tensor at random with only a warning, and a NaN poisons every score."""
+    problems = {kind: sorted(info.get(key) or []) for kind, key in
+                (("missing", "missing_keys"), ("unexpected", "unexpected_keys"), ("mis-shaped", "mismatched_keys"))}
+    found = [f"{kind} {', '.join(map(str, names[:5]))}{' ...' if len(names) > 5 else ''}"
+             for kind, names in problems.items() if names]
+    if found:
+        raise LoadError(f"{path}: the weights do not fit {type(model).__name__}: {'; '.join(found)}")
+    for name, tensor in model.named_parameters():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise LoadError(f"{path}: weight {name} holds NaN or infinite values")
 
 
 def _from_hub(hub_id: str, *, meta: bool, dtype: torch.dtype | None, device: str, trust_remote_code: bool) -> nn.Module:

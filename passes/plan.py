@@ -11,6 +11,14 @@ from graphprune.pipeline import PassContext, PassResult, PipelineError, register
 from graphprune.planning import choose_units, count_params, drop_lowest, plan_sizes
 
 def _scores(ctx: PassContext, group: Group) -> torch.Tensor:
+    scores = _raw_scores(ctx, group)
+    if not torch.isfinite(scores).all():  # a NaN would rank arbitrarily: never plan on it
+        raise PipelineError(f"plan: the {method_for(ctx.spec.importance, group)} scores of {group.name} are not finite "
+                            "(NaN or infinite activations on the calibration data)")
+    return scores
+
+
+def _raw_scores(ctx: PassContext, group: Group) -> torch.Tensor:
     method = method_for(ctx.spec.importance, group)
     if method == "magnitude":
         return magnitude_scores(ctx.analysis.model, group)

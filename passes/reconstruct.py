@@ -49,15 +49,19 @@ def consumers(ctx: PassContext) -> dict[str, list[int]]:
 
 
 @torch.no_grad()
-def input_grams(model: nn.Module, modules: list[str], batches: list[torch.Tensor], progress) -> dict[str, torch.Tensor]:
-    """X^T X (float64) of each module's input over every token of the batches; modules that read the same
-    tensor (q/k/v of one layer) share one matrix."""
+def input_statistics(model: nn.Module, modules: list[str], norms: dict[str, torch.Tensor], batches: list[torch.Tensor],
+                     progress) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """One pass over the batches: X^T X (float64) of each module's input (modules that read the same tensor,
+    q/k/v of one layer, share one matrix), and for each norm of the residual stream the mean over tokens of
+    rms(x_kept) / rms(x): the factor by which normalising over the kept channels only inflates its output."""
     grams: dict[str, torch.Tensor] = {}
     owner_of: dict[str, str] = {}
     seen: dict[int, tuple[str, torch.Tensor]] = {}   # this forward's inputs, kept alive so ids stay unique
+    ratio_sums: dict[str, float] = dict.fromkeys(norms, 0.0)
+    tokens = 0
     named = dict(model.named_modules())
 
-    def hook(name):
+    def gram_hook(name):
         def accumulate(module, args):
             owner = seen.setdefault(id(args[0]), (name, args[0]))[0]
             owner_of[name] = owner
@@ -67,16 +71,42 @@ def input_grams(model: nn.Module, modules: list[str], batches: list[torch.Tensor
             grams[name] = grams[name] + x.T @ x if name in grams else x.T @ x
         return accumulate
 
-    handles = [named[name].register_forward_pre_hook(hook(name)) for name in modules]
+    def norm_hook(name):
+        def accumulate(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            kept = x[:, norms[name].to(x.device)]
+            ratio = (kept.pow(2).mean(-1) + 1e-12).sqrt() / (x.pow(2).mean(-1) + 1e-12).sqrt()
+            ratio_sums[name] += ratio.sum().item()
+        return accumulate
+
+    handles = [named[name].register_forward_pre_hook(gram_hook(name)) for name in modules]
+    handles += [named[name].register_forward_pre_hook(norm_hook(name)) for name in norms]
     try:
         for batch in batches:
             forward(model, batch)
             seen.clear()
+            tokens += batch.numel()
             progress(batch.shape[0])
     finally:
         for handle in handles:
             handle.remove()
-    return {name: grams[owner_of[name]] for name in modules}
+    return {name: grams[owner_of[name]] for name in modules}, {n: v / max(tokens, 1) for n, v in ratio_sums.items()}
+
+
+def residual_norms(ctx: PassContext) -> dict[str, torch.Tensor]:
+    """RMS/LayerNorm modules over the hidden size, when it shrinks -> the kept hidden channels."""
+    hidden = next((g for g in ctx.plan.shrunk(ctx.analysis) if g.kind == "hidden"), None)
+    if hidden is None:
+        return {}
+    modules = dict(ctx.analysis.model.named_modules())
+    norms = {}
+    for piece in hidden.slices:
+        module = piece.param.rsplit(".", 1)[0]
+        if (piece.buffer or piece.param.rsplit(".", 1)[1] != "weight" or len(ctx.analysis.axis_graph.param_shapes[piece.param]) != 1
+                or "norm" not in type(modules.get(module)).__name__.lower()):
+            continue
+        norms[module] = torch.tensor(kept_indices(ctx, piece.param, 0), dtype=torch.long)
+    return norms
 
 
 def output_error(weight: torch.Tensor, kept: torch.Tensor, refit: torch.Tensor, gram: torch.Tensor) -> float:
@@ -103,16 +133,20 @@ def reconstruct(ctx: PassContext) -> PassResult:
     if ctx.spec.calibration is None:
         raise PipelineError("reconstruct: needs calibration data; add a 'calibration' section")
     found = consumers(ctx)
-    if not found:
+    if not found and not residual_norms(ctx):
         return PassResult(summary={"layers": 0})
     model = ctx.analysis.model
     batches = ensure_batches(ctx)
     samples = torch.cat(batches)[: spec.samples] if spec.samples else torch.cat(batches)
     few = list(samples.split(batches[0].shape[0]))
     modules = [name.rsplit(".", 1)[0] for name in found]
+    norms = residual_norms(ctx)
     with ctx.progress("reconstructing (input statistics)", len(samples)) as bar:
-        grams = input_grams(model, modules, few, lambda n: bar.advance(bar.task_ids[0], n))
+        grams, scales = input_statistics(model, modules, norms, few, lambda n: bar.advance(bar.task_ids[0], n))
     weights = dict(model.named_parameters())
+    for norm, scale in scales.items():  # a norm over fewer channels divides by their smaller RMS: undo it on average
+        name = f"{norm}.weight"
+        ctx.state_dict[name] = (ctx.state_dict[name].double() * scale).to(ctx.state_dict[name].dtype).contiguous()
     errors = {}
     for (param, kept_list), module in zip(found.items(), modules):
         weight = weights[param].detach().double().cpu()
@@ -131,5 +165,6 @@ def reconstruct(ctx: PassContext) -> PassResult:
     if ctx.analysis.family is None:  # the generic pruned model is the rewritten graph: rebuild it with the refit
         ctx.pruned_model = rewrite_graph(ctx.analysis, ctx.plan, ctx.state_dict)
     ctx.report["reconstruct"] = errors
-    mean = {k: round(sum(e[k] for e in errors.values()) / len(errors), 6) for k in ("before", "after")}
-    return PassResult(changed=True, summary={"layers": len(errors), "relative_error_mean": mean, "samples": len(samples)})
+    mean = {k: round(sum(e[k] for e in errors.values()) / max(len(errors), 1), 6) for k in ("before", "after")}
+    return PassResult(changed=True, summary={"layers": len(errors), "relative_error_mean": mean, "samples": len(samples),
+                                             "norms_rescaled": len(scales)})

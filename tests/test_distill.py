@@ -41,8 +41,12 @@ def spec_in(setup, name, **distill):
     return path, parse_spec(data)
 
 
+def log_path(setup, name):
+    return setup["root"] / f".{name}.distill" / "log.jsonl"
+
+
 def log_of(setup, name):
-    return [json.loads(line) for line in (setup["root"] / f".{name}.distill" / "log.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in log_path(setup, name).read_text().splitlines()]
 
 
 def test_contract_json_and_reload(setup):
@@ -68,7 +72,10 @@ def test_resume_continues_the_same_loss_curve(setup):
     _, parts = spec_in(setup, "parts")
     first = run_distill(parts, until_step=6)
     assert not first["complete"]
+    with open(log_path(setup, "parts"), "a") as f:  # a kill after step 8, past the step-6 checkpoint
+        f.write(json.dumps({"step": 7, "loss": 0.0}) + "\n" + json.dumps({"step": 8, "loss": 0.0}) + "\n")
     run_distill(parts, resume=True)
+    assert [r["step"] for r in log_of(setup, "parts")] == list(range(1, 13))  # no step logged twice
     uninterrupted = [r["loss"] for r in log_of(setup, "whole")]
     resumed = [r["loss"] for r in log_of(setup, "parts")]
     assert len(resumed) == len(uninterrupted) == 12

@@ -73,6 +73,11 @@ def test_reconstruct_refits_the_readers_of_the_residual_stream_but_not_a_tied_he
     assert {f"model.layers.0.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")} <= refitted
     assert {"model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"} <= refitted
     assert "lm_head" not in refitted                       # tied to the embedding: left alone
+    rescaled = next(p for p in report["passes"] if p["name"] == "reconstruct")["norms_rescaled"]
+    assert rescaled == 5                                    # two norms per layer and the final one
     assert all(e["after"] <= e["before"] for e in report["reconstruct"].values())
     assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
+    _, plain = prune(folder, text, tmp_path / "plain", {"hidden_size": 36}, False)
+    teacher = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert heldout_kl(teacher, model, heldout_ids(folder)) < heldout_kl(teacher, plain, heldout_ids(folder))
     assert next(p for p in report["passes"] if p["name"] == "verify")["max_abs_logit_diff"] <= 1e-4

@@ -145,3 +145,22 @@ def test_a_huge_value_in_a_spec_error_is_cut(tmp_path):
     with pytest.raises(SpecError) as info:
         parse_spec({"model": {"path": "x", "dtype": "f" * 5_000_000}})
     assert len(str(info.value)) < 1000 and "5,000,002 characters" in str(info.value)
+
+
+def test_a_checkpoint_with_a_nan_or_a_missing_tensor_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from graphprune.trace import LoadError, load_model
+
+    folder = write_checkpoint(nemotron_h_config(), tmp_path / "model")
+    weights = load_file(folder / "model.safetensors")
+    name = next(k for k in weights if k.endswith("up_proj.weight"))
+    poisoned = dict(weights)
+    poisoned[name] = poisoned[name].clone()
+    poisoned[name][0, 0] = float("nan")
+    save_file(poisoned, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(LoadError, match=f"weight .*up_proj.weight holds NaN"):
+        load_model(str(folder))
+    save_file({k: v for k, v in weights.items() if k != name}, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(LoadError, match="missing"):
+        load_model(str(folder))
