@@ -116,11 +116,11 @@ REMOVAL = {"attention": "removal", "ffn": "taylor", "hidden": "taylor"}
 
 
 def runs() -> dict[str, dict]:
-    """name -> spec parts: every method at ~25% and ~50%, with and without reconstruction."""
+    """name -> spec parts: every method at ~25% and ~50%, with and without reconstruction (on by default)."""
     table = {
-        "heads9to6-activation": {"targets": HEADS},
-        "heads9to6-magnitude": {"targets": HEADS, "importance": {"attention": "magnitude"}},
-        "heads9to6-random": {"targets": HEADS, "importance": {"attention": "random"}},
+        "heads9to6-activation": {"targets": HEADS, "reconstruct": None},
+        "heads9to6-magnitude-reconstruct": {"targets": HEADS, "importance": {"attention": "magnitude"}, "reconstruct": {}},
+        "heads9to6-random-reconstruct": {"targets": HEADS, "importance": {"attention": "random"}, "reconstruct": {}},
         "depth23-kl": {"targets": {"num_layers": 23}},
         "depth15-kl": {"targets": {"num_layers": 15}},
         "depth23-cosine": {"targets": {"num_layers": 23}, "importance": {"depth": "cosine"}},
@@ -130,7 +130,7 @@ def runs() -> dict[str, dict]:
         for method, importance in (("activation", {}), ("taylor", TAYLOR), ("removal", REMOVAL)):
             if method == "removal" and shape.startswith("hidden"):
                 continue
-            table.setdefault(f"{shape}-{method}", {"targets": targets, "importance": importance})
+            table.setdefault(f"{shape}-{method}", {"targets": targets, "importance": importance, "reconstruct": None})
             table[f"{shape}-{method}-reconstruct"] = {"targets": targets, "importance": importance, "reconstruct": {}}
     return table
 
@@ -145,7 +145,7 @@ def markdown_table(results: dict) -> str:
             continue
         importance = ", ".join(f"{k}: {v}" for k, v in row.get("importance", {}).items()) or "activation (default)"
         lines.append(f"| {name} | {row['arch']} | {row['removed']:.1%} | {importance} | "
-                     f"{'yes' if 'reconstruct' in row else 'no'} | {row['perplexity']:,.1f} | "
+                     f"{'yes' if row.get('reconstruct') is not None else 'no'} | {row['perplexity']:,.1f} | "
                      f"{row['seconds_per_pass'].get('calibrate', 0):.0f} |")
     return "\n".join(lines)
 

@@ -218,7 +218,7 @@ def collect_removal(model: nn.Module, layers: list[nn.Module], groups: dict[str,
     for batch in batches:
         reference, outputs = _reference_with_layer_outputs(model, layers, batch)
         for name, (group, sites) in groups.items():
-            first = min((_layer_index(modules, layers, layer_of, site.module) for site in sites), default=0)
+            first = min((_layer_index(modules, layer_of, site.module) for site in sites), default=0)
             with _replayed(layers[:first], outputs[:first]):
                 for unit in range(group.size):
                     with _masked(modules, sites, group, unit):
@@ -228,7 +228,7 @@ def collect_removal(model: nn.Module, layers: list[nn.Module], groups: dict[str,
     return {name: total / max(len(batches), 1) for name, total in totals.items()}
 
 
-def _layer_index(modules: dict[str, nn.Module], layers: list[nn.Module], layer_of: dict[int, int], module: str) -> int:
+def _layer_index(modules: dict[str, nn.Module], layer_of: dict[int, int], module: str) -> int:
     """The index of the residual block holding `module` (0 when it is outside every block)."""
     parts = module.split(".")
     for end in range(len(parts), 0, -1):
