@@ -26,7 +26,7 @@ def apply(spec: Spec, *, model: torch.nn.Module | None = None, dry_run: bool = F
     `model` prunes an in-memory module instead of `spec.model.path` (any nn.Module: without a family
     adapter the output is a rewritten torch.export graph, model.pt2).
     """
-    load_passes(spec.plugins)
+    load_passes(spec.plugins, spec.source_dir)
     meta = dry_run or spec.model.device == "meta"
     if meta:
         ctx = _prepared_context(spec, model, meta=True, console=console)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -102,16 +103,23 @@ def register_pass(name: str, requires: tuple[str, ...] = (), provides: tuple[str
     return decorate
 
 
-def load_passes(plugins: list[str]) -> None:
-    """Built-ins, then plugin modules from the spec, then installed entry points."""
+def load_passes(plugins: list[str], spec_dir: Path | None = None) -> None:
+    """Built-ins, then plugin modules from the spec (a module beside the spec file imports too), then
+    installed entry points. Plugins are ordinary Python modules: importing one runs its code."""
     importlib.import_module("graphprune.passes")
     for module in plugins:
+        if not module or not all(part.isidentifier() for part in module.split(".")):
+            raise PipelineError(f"plugins: {module[:100]!r} is not a Python module name (e.g. 'my_passes', 'pkg.passes')")
+        added = spec_dir is not None and str(spec_dir) not in sys.path
+        if added:
+            sys.path.insert(0, str(spec_dir))
         try:
             importlib.import_module(module)
         except ImportError as err:
             raise PipelineError(f"plugins: cannot import {module!r}: {err}") from err
-    for entry in entry_points(group="graphprune.passes"):
-        entry.load()
+        finally:
+            if added:
+                sys.path.remove(str(spec_dir))
 
 
 def run_pipeline(ctx: PassContext, pipeline: list[tuple[str, dict[str, Any]]]) -> None:

@@ -288,7 +288,7 @@ def run_search(spec: Spec, console: Any) -> dict[str, Any]:
     if spec.output is None:
         raise SearchError("output: the search needs a folder for search.json, the candidates and the plot")
     budget, measure = _budget(spec)
-    load_passes(spec.plugins)
+    load_passes(spec.plugins, spec.source_dir)
     started = time.perf_counter()
     analysis = analyze(spec.model.path, trust_remote_code=spec.model.trust_remote_code)
     if analysis.family is None:

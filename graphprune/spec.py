@@ -269,7 +269,8 @@ class Spec(_Strict):
     passes: list[PassSpec] | None = None
     """Explicit pipeline; default: the Minitron-SSM recipe."""
     plugins: list[str] = Field(default_factory=list)
-    """Python modules to import first; they register passes."""
+    """Python modules to import first; they register passes. A module beside the spec file imports too. Plugins
+    are arbitrary code, run with your rights: list only modules you trust."""
     output: str | None = Field(None, min_length=1)
     """Directory for the pruned model and report.json (written atomically; relative to the spec file). It may not
     be, contain or lie inside the model's folder, nor be or contain the spec's or the data's folder."""

@@ -164,3 +164,21 @@ def test_a_checkpoint_with_a_nan_or_a_missing_tensor_is_refused(tmp_path):
     save_file({k: v for k, v in weights.items() if k != name}, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(LoadError, match="missing"):
         load_model(str(folder))
+
+
+def test_a_plugin_beside_the_spec_imports_and_a_bad_name_is_a_user_error(inputs, tmp_path):
+    from graphprune.pipeline import PASSES, PipelineError, load_passes
+
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    (specs / "beside_the_spec.py").write_text(
+        "from graphprune.pipeline import PassResult, register_pass\n"
+        "@register_pass('beside_the_spec')\n"
+        "def beside(ctx):\n    return PassResult()\n")
+    spec = json.loads(write_spec(specs, inputs, "../out").read_text())
+    (specs / "spec.json").write_text(json.dumps({**spec, "plugins": ["beside_the_spec"]}))
+    apply(load_spec(specs / "spec.json"), dry_run=True)
+    assert "beside_the_spec" in PASSES
+    for name in ("", ".x", "a b"):
+        with pytest.raises(PipelineError, match="not a Python module name"):
+            load_passes([name])
