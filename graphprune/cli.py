@@ -198,7 +198,7 @@ def bench(
     repeats: Annotated[int, typer.Option(help="Timed runs per model (after one warm-up); the median is reported.")] = 3,
     device: Annotated[str, typer.Option(help="torch engine: cpu or cuda.")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="CPU threads per model.")] = None,
-    plot_path: Annotated[str, typer.Option("--plot", help="PNG plot of tokens/s ('' for none).")] = "bench.png",
+    plot_path: Annotated[str, typer.Option("--plot", help="Write a PNG plot of tokens/s here (default: no plot).")] = "",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """Prefill and decode tokens/s and peak memory of MODELS, each in its own process, side by side."""
