@@ -128,19 +128,19 @@ def refit(weight: torch.Tensor, kept: torch.Tensor, gram: torch.Tensor, ridge: f
 
 @register_pass("reconstruct", requires=("plan", "state_dict"), provides=("state_dict", "pruned_model"))
 def reconstruct(ctx: PassContext) -> PassResult:
-    """Least-squares refit of o_proj / down_proj / out_proj kept columns to the original outputs."""
+    """Least-squares refit of the kept input columns of every reader of a pruned unit to the original outputs;
+    for a shrunk hidden size, the residual-stream norms are rescaled first."""
     spec = ctx.spec.reconstruct or ReconstructSpec()  # listed explicitly in `passes`: the defaults
     if ctx.spec.calibration is None:
         raise PipelineError("reconstruct: needs calibration data; add a 'calibration' section")
-    found = consumers(ctx)
-    if not found and not residual_norms(ctx):
+    found, norms = consumers(ctx), residual_norms(ctx)
+    if not found and not norms:
         return PassResult(summary={"layers": 0})
     model = ctx.analysis.model
     batches = ensure_batches(ctx)
     samples = torch.cat(batches)[: spec.samples] if spec.samples else torch.cat(batches)
     few = list(samples.split(batches[0].shape[0]))
     modules = [name.rsplit(".", 1)[0] for name in found]
-    norms = residual_norms(ctx)
     with ctx.progress("reconstructing (input statistics)", len(samples)) as bar:
         grams, scales = input_statistics(model, modules, norms, few, lambda n: bar.advance(bar.task_ids[0], n))
     weights = dict(model.named_parameters())
