@@ -120,6 +120,8 @@ def load_passes(plugins: list[str], spec_dir: Path | None = None) -> None:
         finally:
             if added:
                 sys.path.remove(str(spec_dir))
+    for entry in entry_points(group="graphprune.passes"):
+        entry.load()
 
 
 def run_pipeline(ctx: PassContext, pipeline: list[tuple[str, dict[str, Any]]]) -> None:

@@ -182,3 +182,17 @@ def test_a_plugin_beside_the_spec_imports_and_a_bad_name_is_a_user_error(inputs,
     for name in ("", ".x", "a b"):
         with pytest.raises(PipelineError, match="not a Python module name"):
             load_passes([name])
+
+
+def test_installed_entry_point_plugins_are_loaded(monkeypatch):
+    import graphprune.pipeline as pipeline
+
+    loaded = []
+
+    class Entry:
+        def load(self):
+            loaded.append(True)
+
+    monkeypatch.setattr(pipeline, "entry_points", lambda group: [Entry()] if group == "graphprune.passes" else [])
+    pipeline.load_passes([])
+    assert loaded == [True]
