@@ -10,7 +10,7 @@ import torch
 
 from .api import Analysis, analyze
 from .data import check_data, check_vocabulary, load_tokenizer
-from .importance import SPEC_FIELD_OF_KIND, method_for
+from .importance import SPEC_FIELD_OF_KIND, input_embeddings, method_for
 from .outputs import AtomicOutput
 from .pipeline import PassContext, PipelineError, load_passes, pipeline_of, run_pipeline, write_json
 from .planning import PlanError, count_params, plan_sizes, config_values
@@ -103,9 +103,7 @@ def preflight(ctx: PassContext) -> None:
     if spec.calibration is not None:
         check_data(spec.calibration.data, "calibration.data")
         tokenizer = load_tokenizer(spec.calibration.tokenizer or spec.model.path, spec.model.trust_remote_code)
-        vocab = analysis.model.get_input_embeddings().num_embeddings if hasattr(analysis.model, "get_input_embeddings") \
-            else next(m for m in analysis.model.modules() if isinstance(m, torch.nn.Embedding)).num_embeddings
-        check_vocabulary(tokenizer, vocab, "calibration.tokenizer")
+        check_vocabulary(tokenizer, input_embeddings(analysis.model).num_embeddings, "calibration.tokenizer")
     if spec.distill is not None and spec.distill.data is not None:
         check_data(spec.distill.data, "distill.data")
 

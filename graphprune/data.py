@@ -32,7 +32,7 @@ def load_texts(data: DataSpec) -> list[str]:
     path = Path(data.path)
     name = path.name.lower()
     if name.endswith((".txt", ".txt.gz", ".md")):
-        text = _read_text(path)
+        text = read_text(path)
         docs = [block.strip() for block in text.split("\n\n")]
         return [d for d in docs if d]
     if name.endswith((".jsonl", ".jsonl.gz", ".json")):
@@ -42,14 +42,15 @@ def load_texts(data: DataSpec) -> list[str]:
     raise DataError(f"data.path: unknown file type {path.name}; use .txt, .txt.gz, .jsonl, .json or .parquet")
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
+    """A text file, gzip-compressed when its name ends in .gz."""
     opener = gzip.open if path.name.endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8") as f:
         return f.read()
 
 
 def _json_texts(path: Path, field: str) -> list[str]:
-    raw = _read_text(path)
+    raw = read_text(path)
     records: list[Any]
     if path.name.endswith(".json") and raw.lstrip().startswith("["):
         records = json.loads(raw)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .data import load_texts, load_tokenizer
+from .data import load_texts, load_tokenizer, read_text
 from .spec import DataSpec
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
@@ -37,10 +37,7 @@ def text_tokens(tokenizer: Any, data: str | Path, max_tokens: int, join: str = "
     each tokenized without special tokens, EOS between them. `raw`: the whole file as one string,
     tokenized once without special tokens (the protocol of most published perplexities)."""
     if join == "raw":
-        path = Path(data)
-        opener = __import__("gzip").open if path.name.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            ids = tokenizer(f.read(), add_special_tokens=False)["input_ids"]
+        ids = tokenizer(read_text(Path(data)), add_special_tokens=False)["input_ids"]
         return torch.tensor(ids[: max_tokens + 1], dtype=torch.long)
     if join != "documents":
         raise ValueError(f"join: {join!r}; choose 'documents' or 'raw'")

@@ -92,8 +92,13 @@ def mask_sites(analysis: Analysis, group: Group) -> list[ActivationSite]:
     group (dim 1 of a Linear weight); for the hidden size, every pre-norm output inside the layers."""
     if group.kind == "hidden":
         return activation_sites(analysis, group)
+    return [ActivationSite(_module_of(s.param), True, s) for s in reader_slices(analysis, group)]
+
+
+def reader_slices(analysis: Analysis, group: Group) -> list[ParamSlice]:
+    """The group's input columns of Linear weights: the projections that read its units."""
     modules = dict(analysis.model.named_modules())
-    return [ActivationSite(_module_of(s.param), True, s) for s in group.slices
+    return [s for s in group.slices
             if not s.buffer and s.dim == 1 and isinstance(modules.get(_module_of(s.param)), nn.Linear)]
 
 
@@ -122,7 +127,7 @@ def collect_activations(model: nn.Module, sites: Iterable[ActivationSite], batch
 
     def hook_for(group: list[ActivationSite], use_input: bool):
         def hook(module, args, output):
-            tensor = args[0] if use_input else (output[0] if isinstance(output, tuple) else output)
+            tensor = _site_tensor(use_input, args, output)
             values = tensor.detach().abs().float()
             per_sample = values.mean(dim=tuple(range(1, values.dim() - 1))) if values.dim() > 2 else values
             squared = per_sample.pow(2).sum(0)
@@ -147,7 +152,8 @@ def _site_tensor(use_input: bool, args: tuple, output) -> torch.Tensor:
     return args[0] if use_input else (output[0] if isinstance(output, tuple) else output)
 
 
-def _input_embeddings(model: nn.Module) -> nn.Module:
+def input_embeddings(model: nn.Module) -> nn.Module:
+    """The token embedding of a Hugging Face model, or the first nn.Embedding of any module."""
     if hasattr(model, "get_input_embeddings"):
         return model.get_input_embeddings()
     return next(m for m in model.modules() if isinstance(m, nn.Embedding))
@@ -173,7 +179,7 @@ def collect_taylor(model: nn.Module, groups: dict[str, tuple[Group, list[Activat
         return output.detach().requires_grad_(True)
 
     handles = [modules[name].register_forward_hook(capture((name, use_input))) for name, use_input in wanted]
-    handles.append(_input_embeddings(model).register_forward_hook(start_graph))
+    handles.append(input_embeddings(model).register_forward_hook(start_graph))
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)

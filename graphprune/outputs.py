@@ -92,14 +92,11 @@ class OutputLock:
         self.fd = None
 
 
-def remove_leftovers(target: Path) -> list[Path]:
-    """Hidden partial/old siblings of `target` from runs that were killed (call while holding its lock)."""
-    removed = []
+def remove_leftovers(target: Path) -> None:
+    """Remove hidden partial/old siblings of `target` from runs that were killed (call while holding its lock)."""
     for pattern in (f".{target.name}.partial-*", f".{target.name}.old-*"):
         for path in target.parent.glob(pattern):
             _remove(path)
-            removed.append(path)
-    return removed
 
 
 class AtomicOutput:

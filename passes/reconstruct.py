@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from graphprune.importance import forward
+from graphprune.importance import forward, reader_slices
 from graphprune.pipeline import PassContext, PassResult, PipelineError, register_pass
 from graphprune.rewrite import rewrite_graph
 from graphprune.spec import ReconstructSpec
@@ -36,10 +36,8 @@ def consumers(ctx: PassContext) -> dict[str, list[int]]:
     modules = dict(model.named_modules())
     found: dict[str, list[int]] = {}
     for group in ctx.plan.shrunk(ctx.analysis):
-        for piece in group.slices:
+        for piece in reader_slices(ctx.analysis, group):
             module = piece.param.rsplit(".", 1)[0]
-            if piece.dim != 1 or piece.buffer or not isinstance(modules.get(module), nn.Linear):
-                continue
             param = f"{module}.weight"
             source = ctx.analysis.slice_name(param)
             if param in found or source is None or names_of[id(modules[module].weight)] > 1:

@@ -159,7 +159,7 @@ def test_a_checkpoint_with_a_nan_or_a_missing_tensor_is_refused(tmp_path):
     poisoned[name] = poisoned[name].clone()
     poisoned[name][0, 0] = float("nan")
     save_file(poisoned, folder / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(LoadError, match=f"weight .*up_proj.weight holds NaN"):
+    with pytest.raises(LoadError, match="weight .*up_proj.weight holds NaN"):
         load_model(str(folder))
     save_file({k: v for k, v in weights.items() if k != name}, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(LoadError, match="missing"):
