@@ -120,7 +120,7 @@ def main() -> None:
                        "zero_shot": {**evaluate(student, tokenizer, **options),
                                      "heldout_loss": heldout_loss(student, holdout, 8)}}
         if args.distill_steps:
-            result = distill_in_process(teacher, student, train, holdout, distill_spec, console=None)
+            result = distill_in_process(teacher, student, train, holdout, distill_spec, console=None, scratch_in=out)
             rows[label]["distilled"] = {**evaluate(student, tokenizer, **options),
                                         "heldout_loss": heldout_loss(student, holdout, 8), "kd": result.summary()}
         print(label, json.dumps({k: v for k, v in rows[label].items() if k != "config"}), flush=True)

@@ -12,7 +12,7 @@ from .api import Analysis, analyze
 from .data import check_data, check_vocabulary, load_tokenizer
 from .importance import SPEC_FIELD_OF_KIND, input_embeddings, method_for
 from .outputs import AtomicOutput
-from .pipeline import PassContext, PipelineError, load_passes, pipeline_of, run_pipeline, write_json
+from .pipeline import PassContext, PipelineError, check_pipeline, load_passes, pipeline_of, run_pipeline, write_json
 from .planning import PlanError, count_params, plan_sizes, config_values
 from .spec import Spec
 
@@ -27,6 +27,8 @@ def apply(spec: Spec, *, model: torch.nn.Module | None = None, dry_run: bool = F
     adapter the output is a rewritten torch.export graph, model.pt2).
     """
     load_passes(spec.plugins, spec.source_dir)
+    check_pipeline(spec, pipeline_of(spec, dry_run=False))  # a dry run checks the full run's pipeline too
+    check_device(spec)
     meta = dry_run or spec.model.device == "meta"
     if meta:
         ctx = _prepared_context(spec, model, meta=True, console=console)
@@ -42,6 +44,7 @@ def apply(spec: Spec, *, model: torch.nn.Module | None = None, dry_run: bool = F
         started = time.perf_counter()
         run_pipeline(ctx, pipeline_of(spec, dry_run=False))
         report = _report(ctx, started)
+        report["written"] = sorted([p.name for p in workdir.iterdir()] + ["report.json"])  # what is there, not hoped
         write_json(workdir / "report.json", report)
     return report
 
@@ -49,6 +52,9 @@ def apply(spec: Spec, *, model: torch.nn.Module | None = None, dry_run: bool = F
 def _prepared_context(spec: Spec, model: torch.nn.Module | None, meta: bool, console) -> PassContext:
     analysis = analyze(model if model is not None else spec.model.path, meta=meta,
                        trust_remote_code=spec.model.trust_remote_code)
+    if not meta and next(analysis.model.parameters()).device.type == "meta":
+        raise PipelineError(f"model.path: {spec.model.path} has a config but no weights (model.safetensors); a full "
+                            "run needs them (--dry-run plans on the config alone)")
     _to_runtime(analysis, spec)
     ctx = PassContext(spec=spec, analysis=analysis, dry_run=meta)
     if console is not None:
@@ -77,6 +83,12 @@ def protected_paths(spec: Spec) -> dict[str, dict[str, Path]]:
             "sources": {k: v for k, v in sources.items() if v is not None}}
 
 
+def check_device(spec: Spec) -> None:
+    if spec.model.device == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("model.device: 'cuda', but torch sees no CUDA device on this machine; use 'cpu' (or "
+                            "'meta' to plan only)")
+
+
 def _to_runtime(analysis: Analysis, spec: Spec) -> None:
     model = analysis.model
     if next(model.parameters()).device.type == "meta":
@@ -88,7 +100,8 @@ def preflight(ctx: PassContext) -> None:
     """Every check that needs no forward pass, before anything runs: targets, family, data, tokenizer."""
     spec, analysis = ctx.spec, ctx.analysis
     plan = plan_sizes(analysis, spec.targets)
-    _check_removal_scores(spec, analysis, plan.sizes)
+    _check_something_is_pruned(spec, analysis, plan.sizes)
+    check_removal_scores(spec, analysis, plan.sizes)
     if analysis.family is None and spec.targets.num_layers is not None:
         raise PlanError("targets.num_layers: depth pruning needs a family adapter (Nemotron-H, Mamba2, Llama); "
                         "the generic graph path prunes widths only")
@@ -108,11 +121,25 @@ def preflight(ctx: PassContext) -> None:
         check_data(spec.distill.data, "distill.data")
 
 
+def _check_something_is_pruned(spec: Spec, analysis: Analysis, sizes: dict[str, int]) -> None:
+    """An unpruned copy is written only when asked for: a forgotten or too-large target is an error."""
+    unchanged = all(sizes.get(g.name, g.size) == g.size for g in analysis.groups) and \
+        sizes.get("layers", len(analysis.layers)) == len(analysis.layers)
+    if not unchanged or spec.targets.identity:
+        return
+    if spec.targets.params is not None:
+        raise PlanError(f"targets.params: the budget {spec.targets.params:,} is not below the model's "
+                        f"{analysis.params:,} parameters: nothing would be pruned")
+    raise PlanError("targets: no target shrinks the model (none given, or each equals the model's size), so the output "
+                    "would be an unpruned copy; give a smaller size, or set targets.identity: true to write one on purpose")
+
+
 REMOVAL_KINDS = ("attention_heads", "mamba_heads")
 
 
-def _check_removal_scores(spec: Spec, analysis: Analysis, sizes: dict[str, int]) -> None:
-    """`removal` costs one forward per unit: heads only (FFN neurons, channels: use taylor)."""
+def check_removal_scores(spec: Spec, analysis: Analysis, sizes: dict[str, int]) -> None:
+    """`removal` costs one forward per unit: heads only (FFN neurons, channels: use taylor), for the groups
+    these sizes shrink."""
     for group in analysis.groups:
         method = method_for(spec.importance, group)
         if method == "removal" and sizes[group.name] < group.size and group.kind not in REMOVAL_KINDS:

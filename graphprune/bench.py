@@ -1,11 +1,14 @@
 """`graphprune bench`: prefill and decode throughput and peak memory of models side by side.
 
 Each model runs in its own worker process (``python -m graphprune.bench``), so that peak memory is the
-model's own and one model's threads or caches cannot slow the next.  A run is: warm-up runs, then
-``repeats`` timed runs of one prefill of ``batch x input_len`` random tokens followed by
-``output_len - 1`` greedy decode steps; the medians give tokens/s.  Ratios are taken against the
-first model, next to the ideal speed-up from the ratio of matmul parameters (embedding lookups cost
-no FLOPs; on the torch engine every other weight is read once per token).
+model's own and one model's threads or caches cannot slow the next.  A timed run is one prefill of
+``batch x input_len`` random tokens followed by ``output_len - 1`` greedy decode steps.  All workers
+load and warm up first; then the parent interleaves their timed runs, one per worker per round, in
+alternating order (A B, B A, A B ...), so that a machine's drifting load hits every model alike.
+Medians give tokens/s; ratios are taken against the first model, per round (paired) and as the median,
+next to the ideal speed-up from the ratio of matmul parameters (embedding lookups cost no FLOPs; on
+the torch engine every other weight is read once per token).  Every ratio comes with its spread over
+the rounds and a flag when that spread crosses 1.0 or the ratio exceeds the ideal by more than it.
 
 Engines: ``torch`` (transformers' own forward with its cache; on CUDA it uses mamba-ssm's kernels
 when they import), ``onnxruntime`` (the prefill/decode graphs of `graphprune export --format onnx`;
@@ -19,12 +22,13 @@ import json
 import os
 import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -73,6 +77,8 @@ class BenchResult:
     prefill_speedup_vs_first: float = 1.0
     decode_speedup_vs_first: float = 1.0
     ideal_speedup_vs_first: float = 1.0
+    speedup_range: tuple[float, float] = (1.0, 1.0)  # min and max of the per-round end-to-end ratios
+    flags: list[str] = field(default_factory=list)     # why a ratio should not be trusted
 
 
 def bench(models: list[str], settings: BenchSettings, progress: Callable[[str], None] | None = None,
@@ -90,28 +96,76 @@ def bench(models: list[str], settings: BenchSettings, progress: Callable[[str], 
     if settings.engine == "torch" and settings.runner == "auto":  # one runner for all, so ratios compare models
         runner = "stateful" if any(_attention_free_nemotron_h(_config(m)) for m in models) else "transformers"
         settings = replace(settings, runner=runner)
-    results = []
-    with tempfile.TemporaryDirectory(prefix="graphprune-bench-") as scratch:
-        for index, (model, label) in enumerate(zip(models, labels or models)):
-            if progress:
-                progress(f"{settings.engine}: {label}")
-            if settings.engine == "onnxruntime":  # export here, so that the worker's memory is the runtime's own
-                model = _onnx_folder(model, Path(scratch) / str(index))
-            result = _run_worker(model, settings)
-            result.model = label
-            results.append(result)
+    _remove_dead_scratch()
+    with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-") as scratch:
+        if settings.engine == "onnxruntime":  # export here, so that the worker's memory is the runtime's own
+            models = [_onnx_folder(model, Path(scratch) / str(index)) for index, model in enumerate(models)]
+        workers = [_Worker(model, settings) for model in models]  # all load and warm up at once, untimed
+        try:
+            for worker_, label in zip(workers, labels or models):
+                if progress:
+                    progress(f"{settings.engine}: loading {label}")
+                worker_.wait_ready()
+            for round_ in range(settings.repeats):
+                order = workers if round_ % 2 == 0 else workers[::-1]
+                for worker_ in order:
+                    if progress:
+                        progress(f"{settings.engine}: round {round_ + 1}/{settings.repeats}")
+                    worker_.run_once()
+            results = [worker_.finish() for worker_ in workers]
+        finally:
+            for worker_ in workers:
+                worker_.stop()
+    for result, label in zip(results, labels or models):
+        result.model = label
     add_ratios(results)
     return {"settings": asdict(settings), "results": [asdict(r) for r in results]}
 
 
+SCRATCH_PREFIX = "graphprune-bench-"
+
+
+def _remove_dead_scratch() -> None:
+    """ONNX scratch folders (<temp>/graphprune-bench-<pid>-*) of bench runs that were killed."""
+    for path in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*-*"):
+        pid = path.name[len(SCRATCH_PREFIX):].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def add_ratios(results: list[BenchResult]) -> None:
-    """Speed-ups against the first model: end to end (prefill + decode time), per phase, and ideal."""
+    """Speed-ups against the first model: end to end (prefill + decode time), per phase, and ideal; the
+    end-to-end ratio's range over the rounds (round i of each model ran back to back), and flags."""
     first = results[0]
     for result in results:
         result.prefill_speedup_vs_first = result.prefill_tokens_per_s / first.prefill_tokens_per_s
         result.decode_speedup_vs_first = result.decode_tokens_per_s / first.decode_tokens_per_s
         result.speedup_vs_first = end_to_end_seconds(asdict(first)) / end_to_end_seconds(asdict(result))
         result.ideal_speedup_vs_first = first.matmul_params / result.matmul_params
+        if result is first:
+            continue
+        rounds = [(p0 + d0) / (p + d) for p0, d0, p, d in zip(first.prefill_seconds, first.decode_seconds,
+                                                              result.prefill_seconds, result.decode_seconds)]
+        low, high = min(rounds), max(rounds)
+        result.speedup_range = (low, high)
+        result.flags = []
+        if len(rounds) > 1 and low < 1.0 < high:
+            result.flags.append("the rounds disagree on which model is faster: no significant difference")
+        spread = high - low
+        if result.speedup_vs_first > result.ideal_speedup_vs_first + spread and result.ideal_speedup_vs_first >= 1:
+            result.flags.append(f"{result.speedup_vs_first:.2f}x exceeds the ideal {result.ideal_speedup_vs_first:.2f}x "
+                                f"by more than the spread ({spread:.2f}): a loaded machine, or a cache effect? rerun "
+                                "with more repeats on an idle machine")
 
 
 def end_to_end_seconds(result: dict[str, Any]) -> float:
@@ -119,37 +173,76 @@ def end_to_end_seconds(result: dict[str, Any]) -> float:
     return statistics.median(result["prefill_seconds"]) + statistics.median(result["decode_seconds"])
 
 
-def _run_worker(model: str, settings: BenchSettings) -> BenchResult:
-    env = dict(os.environ)
-    if settings.threads:
-        env["OMP_NUM_THREADS"] = str(settings.threads)
-    command = [sys.executable, "-m", "graphprune.bench", model, json.dumps(asdict(settings))]
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        message = done.stderr.strip().splitlines()
-        raise BenchError(f"benchmark of {model} failed: {message[-1] if message else 'no output'}")
-    return BenchResult(**json.loads(done.stdout.strip().splitlines()[-1]))
+class _Worker:
+    """One model's worker process, driven line by line: it loads and warms up, then times one run per
+    `run`, and reports its result on `done` (python -m graphprune.bench MODEL SETTINGS_JSON)."""
+
+    def __init__(self, model: str, settings: BenchSettings):
+        env = dict(os.environ)
+        if settings.threads:
+            env["OMP_NUM_THREADS"] = str(settings.threads)
+        self.model = model
+        self.errors = tempfile.TemporaryFile(mode="w+")  # a pipe could fill up and block the worker
+        self.process = subprocess.Popen([sys.executable, "-m", "graphprune.bench", model, json.dumps(asdict(settings))],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors, text=True,
+                                        env=env)
+
+    def _ask(self, command: str | None) -> dict[str, Any]:
+        try:
+            if command is not None:
+                self.process.stdin.write(command + "\n")
+                self.process.stdin.flush()
+            line = self.process.stdout.readline()
+        except BrokenPipeError:
+            line = ""
+        if not line:
+            self.process.wait()
+            self.errors.seek(0)
+            message = self.errors.read().strip().splitlines()
+            raise BenchError(f"benchmark of {self.model} failed: {message[-1] if message else 'no output'}")
+        return json.loads(line)
+
+    def wait_ready(self) -> None:
+        self._ask(None)
+
+    def run_once(self) -> None:
+        self._ask("run")
+
+    def finish(self) -> BenchResult:
+        return BenchResult(**self._ask("done"))
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self.errors.close()
 
 
 # ------------------------------------------------------------------------------------------ worker side
 
 
-def _measure(settings: BenchSettings, prefill: Callable[[], Any], decode: Callable[[Any], None],
-             sync: Callable[[], None]) -> tuple[list[float], list[float]]:
-    """Medians need repeats; warm-up runs first. `prefill()` returns the state `decode(state)` continues."""
-    prefill_times, decode_times = [], []
-    for run in range(settings.warmup + settings.repeats):
+@dataclass
+class _Timed:
+    """What an engine gives the worker: `prefill()` returns the state `decode(state)` continues."""
+
+    prefill: Callable[[], Any]
+    decode: Callable[[Any], None]
+    sync: Callable[[], None] = lambda: None
+    model: Any = None                                   # for the parameter count (None: from the config)
+    device_peak: Callable[[], int | None] = lambda: None
+    decode_includes_prefill: bool = False               # TensorRT-LLM generates from the prompt each time
+
+    def once(self) -> tuple[float, float]:
+        """(prefill seconds, decode seconds) of one run."""
         start = time.perf_counter()
-        state = prefill()
-        sync()
+        state = self.prefill()
+        self.sync()
         middle = time.perf_counter()
-        decode(state)
-        sync()
+        self.decode(state)
+        self.sync()
         end = time.perf_counter()
-        if run >= settings.warmup:
-            prefill_times.append(middle - start)
-            decode_times.append(end - middle)
-    return prefill_times, decode_times
+        prefill, decode = middle - start, end - middle
+        return prefill, (max(decode - prefill, 1e-9) if self.decode_includes_prefill else decode)
 
 
 def _prompt(settings: BenchSettings, vocab: int):
@@ -178,9 +271,7 @@ def _torch_engine(path: str, settings: BenchSettings):
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    times = _measure(settings, prefill, decode, sync)
-    peak = torch.cuda.max_memory_allocated() if cuda else None
-    return model, times, peak
+    return _Timed(prefill, decode, sync, model, (lambda: torch.cuda.max_memory_allocated()) if cuda else (lambda: None))
 
 
 def _config(path: str):
@@ -271,8 +362,7 @@ def _onnx_engine(path: str, settings: BenchSettings):
             logits, state = generator.decode(token, state)
             token = logits[:, -1:].argmax(-1)
 
-    times = _measure(settings, prefill, decode, lambda: None)
-    return None, times, None
+    return _Timed(prefill, decode)
 
 
 def _trtllm_engine(path: str, settings: BenchSettings):
@@ -291,16 +381,14 @@ def _trtllm_engine(path: str, settings: BenchSettings):
     def generate(tokens: int):
         llm.generate(prompts, SamplingParams(max_tokens=tokens, ignore_eos=True), use_tqdm=False)
 
-    # TensorRT-LLM runs prefill and decode inside one call: decode time = time(T tokens) - time(1 token).
+    # TensorRT-LLM runs prefill and decode inside one call: decode time = time(T tokens) - time(1 token)
     def prefill():
         generate(1)
 
     def decode(_):
         generate(settings.output_len)
 
-    prefill_times, full_times = _measure(settings, prefill, decode, lambda: None)
-    decode_times = [max(full - first, 1e-9) for full, first in zip(full_times, prefill_times)]
-    return None, (prefill_times, decode_times), None
+    return _Timed(prefill, decode, decode_includes_prefill=True)
 
 
 def _param_counts(path: str, model: Any) -> tuple[int, int]:
@@ -335,20 +423,34 @@ def _reset_peak() -> int:
     return _resident_bytes("VmRSS") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def worker(path: str, settings: BenchSettings) -> BenchResult:
+def serve(path: str, settings: BenchSettings, commands, reply: Callable[[dict], None]) -> None:
+    """The worker: load and warm up, say ready, time one run per `run` command, report on `done`."""
     baseline = _reset_peak()  # after the interpreter and libraries are loaded: the model's own memory counts
     engine = {"torch": _torch_engine, "onnxruntime": _onnx_engine, "trtllm": _trtllm_engine}[settings.engine]
-    model, (prefill_times, decode_times), device_peak = engine(path, settings)
+    timed = engine(path, settings)
+    for _ in range(settings.warmup):
+        timed.once()
+    reply({"ready": True})
+    prefill_times, decode_times = [], []
+    for command in commands:
+        if command.strip() == "run":
+            prefill, decode = timed.once()
+            prefill_times.append(prefill)
+            decode_times.append(decode)
+            reply({"prefill": prefill, "decode": decode})
+        elif command.strip() == "done":
+            break
     host_peak = _resident_bytes("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    device_peak = timed.device_peak()
     peak = device_peak if device_peak is not None else host_peak - baseline
-    total, matmul = _param_counts(path, model)
+    total, matmul = _param_counts(path, timed.model)
     decode_tokens = settings.batch * max(settings.output_len - 1, 1)
-    return BenchResult(
+    reply(asdict(BenchResult(
         model=path, engine=settings.engine, params=total, matmul_params=matmul,
         prefill_tokens_per_s=settings.batch * settings.input_len / statistics.median(prefill_times),
         decode_tokens_per_s=decode_tokens / statistics.median(decode_times),
         peak_memory_bytes=int(peak), prefill_seconds=prefill_times, decode_seconds=decode_times,
-        runner=settings.runner if settings.engine == "torch" else "")
+        runner=settings.runner if settings.engine == "torch" else "")))
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -379,11 +481,14 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
-if __name__ == "__main__":  # the worker: python -m graphprune.bench MODEL SETTINGS_JSON
+if __name__ == "__main__":  # the worker: python -m graphprune.bench MODEL SETTINGS_JSON (commands on stdin)
     import logging
     import warnings
 
     warnings.simplefilter("ignore")
     logging.disable(logging.WARNING)
-    result = worker(sys.argv[1], BenchSettings(**json.loads(sys.argv[2])))
-    sys.stdout.write(json.dumps(asdict(result)) + "\n")
+    def reply(message: dict) -> None:
+        sys.stdout.write(json.dumps(message) + "\n")
+        sys.stdout.flush()
+
+    serve(sys.argv[1], BenchSettings(**json.loads(sys.argv[2])), sys.stdin, reply)

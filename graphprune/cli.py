@@ -195,7 +195,8 @@ def bench(
     batch: Annotated[int, typer.Option(help="Sequences per batch.")] = 1,
     input_len: Annotated[int, typer.Option(help="Prompt tokens per sequence.")] = 128,
     output_len: Annotated[int, typer.Option(help="Generated tokens per sequence (1 prefill + decode steps).")] = 32,
-    repeats: Annotated[int, typer.Option(help="Timed runs per model (after one warm-up); the median is reported.")] = 3,
+    repeats: Annotated[int, typer.Option(help="Timed rounds (after one warm-up); the models' runs alternate within "
+                                              "each; the median and the range are reported.")] = 3,
     device: Annotated[str, typer.Option(help="torch engine: cpu or cuda.")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="CPU threads per model.")] = None,
     plot_path: Annotated[str, typer.Option("--plot", help="Write a PNG plot of tokens/s here (default: no plot).")] = "",
@@ -225,12 +226,19 @@ def bench_table(report: dict, title: str | None = None) -> Table:
     settings = report["settings"]
     table = Table(title=title or f"{settings['engine']}: batch {settings['batch']}, input {settings['input_len']}, "
                   f"output {settings['output_len']}, median of {settings['repeats']}", title_justify="left")
-    for column in ("model", "params", "prefill tok/s", "decode tok/s", "peak memory", "speed-up", "ideal"):
+    for column in ("model", "params", "prefill tok/s", "decode tok/s", "peak memory", "speed-up (rounds)", "ideal"):
         table.add_column(column, justify="left" if column == "model" else "right")
+    notes = []
     for r in report["results"]:
+        low, high = r.get("speedup_range", (1.0, 1.0))
+        marker = "*" * (len(notes) + 1) if r.get("flags") else ""
         table.add_row(r["model"], f"{r['params']:,}", f"{r['prefill_tokens_per_s']:,.0f}",
                       f"{r['decode_tokens_per_s']:,.1f}", f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB",
-                      f"{r['speedup_vs_first']:.2f}x", f"{r['ideal_speedup_vs_first']:.2f}x")
+                      f"{r['speedup_vs_first']:.2f}x ({low:.2f}-{high:.2f}){marker}", f"{r['ideal_speedup_vs_first']:.2f}x")
+        if r.get("flags"):
+            notes.append(f"{marker} {r['model']}: {'; '.join(r['flags'])}")
+    table.caption = "\n".join(notes) or None
+    table.caption_justify = "left"
     return table
 
 
@@ -329,7 +337,7 @@ def _print_report(report: dict) -> None:
     timing = ", ".join(f"{k} {v:.1f}s" for k, v in report["seconds_per_pass"].items())
     console.print(f"time: {timing}")
     if report.get("output"):
-        console.print(f"written: {report['output']} (model, tokenizer, report.json)")
+        console.print(f"written: {report['output']} ({', '.join(report.get('written', []))})")
 
 
 def _print_analysis(analysis: Analysis, every_layer: bool) -> None:

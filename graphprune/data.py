@@ -12,6 +12,7 @@ import torch
 
 from .errors import UserError
 from .spec import CalibrationSpec, DataSpec
+from .trace import hub_reachable, offline_mode
 
 
 class DataError(UserError):
@@ -27,18 +28,30 @@ def check_data(data: DataSpec, where: str) -> None:
 
 
 def load_texts(data: DataSpec) -> list[str]:
+    """The documents of a local file or a hub dataset; a clear error naming the source when there are none."""
     if data.dataset is not None:
-        return _hub_texts(data)
-    path = Path(data.path)
+        texts, source = _hub_texts(data), f"dataset {data.dataset!r} ({data.split})"
+    else:
+        path = Path(data.path)
+        try:
+            texts, source = _file_texts(path, data.text_field), str(path)
+        except (OSError, EOFError, UnicodeDecodeError, ValueError) as err:  # bad gzip, not UTF-8, not parquet
+            reason = "not UTF-8 text" if isinstance(err, UnicodeDecodeError) else str(err).splitlines()[0][:200]
+            raise DataError(f"{path}: cannot be read: {reason}") from err
+    if not texts:
+        raise DataError(f"{source}: holds no text")
+    return texts
+
+
+def _file_texts(path: Path, field: str) -> list[str]:
     name = path.name.lower()
     if name.endswith((".txt", ".txt.gz", ".md")):
-        text = read_text(path)
-        docs = [block.strip() for block in text.split("\n\n")]
+        docs = [block.strip() for block in read_text(path).split("\n\n")]
         return [d for d in docs if d]
     if name.endswith((".jsonl", ".jsonl.gz", ".json")):
-        return _json_texts(path, data.text_field)
+        return _json_texts(path, field)
     if name.endswith(".parquet"):
-        return _parquet_texts(path, data.text_field)
+        return _parquet_texts(path, field)
     raise DataError(f"data.path: unknown file type {path.name}; use .txt, .txt.gz, .jsonl, .json or .parquet")
 
 
@@ -53,9 +66,10 @@ def _json_texts(path: Path, field: str) -> list[str]:
     raw = read_text(path)
     records: list[Any]
     if path.name.endswith(".json") and raw.lstrip().startswith("["):
-        records = json.loads(raw)
+        records = _json_value(raw, path)
     else:
-        records = [json.loads(line) for line in raw.splitlines() if line.strip()]
+        records = [_json_value(line, path, f"line {number}") for number, line in enumerate(raw.splitlines(), 1)
+                   if line.strip()]
     texts = []
     for i, record in enumerate(records):
         if not isinstance(record, dict) or field not in record:
@@ -64,6 +78,13 @@ def _json_texts(path: Path, field: str) -> list[str]:
             raise DataError(f"{path}: record {i}: field {field!r} is {type(record[field]).__name__}, not text")
         texts.append(record[field])
     return texts
+
+
+def _json_value(text: str, path: Path, where: str = "") -> Any:
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise DataError(f"{path}: {where + ': ' if where else ''}not valid JSON ({str(err)[:200]})") from None
 
 
 def _parquet_texts(path: Path, field: str) -> list[str]:
@@ -84,7 +105,14 @@ def _hub_texts(data: DataSpec) -> list[str]:
         import datasets
     except ImportError as err:
         raise DataError("data.dataset needs the `datasets` package (pip install datasets) and network") from err
-    dataset = datasets.load_dataset(data.dataset, split=data.split)
+    if not hub_reachable() and not datasets.config.HF_HUB_OFFLINE:
+        raise DataError(f"data.dataset: {data.dataset!r} needs the Hugging Face hub, which cannot be reached (set "
+                        "HF_HUB_OFFLINE=1 to use a cached copy, or give a local data.path)")
+    try:
+        dataset = datasets.load_dataset(data.dataset, split=data.split)
+    except (OSError, ConnectionError, ValueError) as err:  # offline, no such dataset or split
+        raise DataError(f"data.dataset: cannot load {data.dataset!r} (split {data.split!r}): "
+                        f"{str(err).splitlines()[0][:200]}") from err
     return [str(row[data.text_field]) for row in dataset]
 
 
@@ -92,7 +120,8 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        with offline_mode(not Path(name_or_path).exists() and not hub_reachable()):
+            return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise DataError(f"cannot load a tokenizer from {name_or_path!r}: {str(err).splitlines()[0]}") from err
 
@@ -132,7 +161,11 @@ def token_samples(texts: list[str], tokenizer: Any, num_samples: int, seq_len: i
 
 
 def calibration_batches(spec: CalibrationSpec, tokenizer: Any) -> list[torch.Tensor]:
-    samples = token_samples(load_texts(spec.data), tokenizer, spec.num_samples, spec.seq_len, spec.packing, spec.seed)
+    texts = load_texts(spec.data)
+    try:
+        samples = token_samples(texts, tokenizer, spec.num_samples, spec.seq_len, spec.packing, spec.seed)
+    except DataError as err:
+        raise DataError(f"calibration.data ({spec.data.path or spec.data.dataset}): {err}") from None
     if spec.probe_fraction:
         samples = mix_probes(samples, spec.probe_fraction, len(tokenizer), spec.seed, "calibration.probe_fraction")
     return list(samples.split(spec.batch_size))

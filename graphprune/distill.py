@@ -16,7 +16,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -302,16 +301,28 @@ def evaluate_kd(teacher: nn.Module, student: nn.Module, holdout: torch.Tensor, s
     return _mean_over_ranks(sum(losses) / max(len(losses), 1), world)
 
 
+SCRATCH_PREFIX = ".distill-scratch-"
+
+
 def distill_in_process(teacher: nn.Module, student: nn.Module, train: torch.Tensor, holdout: torch.Tensor,
-                       spec: DistillSpec, console: Any) -> DistillResult:
-    """One process, a progress bar, checkpoints in a throwaway folder (the distill pass, the search)."""
-    workdir = Path(tempfile.mkdtemp(prefix="graphprune-distill-"))
+                       spec: DistillSpec, console: Any, scratch_in: Path) -> DistillResult:
+    """One process, a progress bar (the distill pass, the search). Its checkpoints go to a hidden scratch
+    folder inside `scratch_in`, the locked output being built, never the system temp folder: a killed run's
+    scratch is found and removed with its output's leftovers."""
+    workdir = scratch_in / f"{SCRATCH_PREFIX}{os.getpid()}"
+    workdir.mkdir(parents=True, exist_ok=True)
     bar, update = progress_printer(total_steps(spec, 1), console, World())
     try:
         with bar:
             return distill(teacher, student, train, holdout, spec, workdir, progress=update)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def remove_scratch(folder: Path) -> None:
+    """Scratch folders of killed runs (call while holding the folder's lock: no live run owns one)."""
+    for path in folder.glob(f"{SCRATCH_PREFIX}*"):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @torch.no_grad()
@@ -412,8 +423,9 @@ def run_distill(spec: Any, *, resume: bool = False, until_step: int | None = Non
                          world=world, progress=update)
     summary = {**result.summary(), "teacher": teacher_path, "student": student_path, "world_size": world.size,
                "train_sequences": len(train), "holdout_sequences": len(holdout), "complete": result.steps == total_steps(dspec, world.size)}
+    if summary["complete"]:
+        model_state, _ = _full_state(student, None, world)  # a collective under FSDP: every rank takes part
     if world.main and summary["complete"]:
-        model_state, _ = _full_state(student, None, world)
         if world.size > 1:  # a plain copy of the whole student for save_pretrained
             student = AutoModelForCausalLM.from_pretrained(student_path, dtype=torch.float32)
             student.load_state_dict(model_state)

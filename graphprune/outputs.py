@@ -8,6 +8,7 @@ killed runs on the same output are removed first (the lock proves their owners a
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import shutil
@@ -131,6 +132,9 @@ class AtomicOutput:
         try:
             if kind is not None:
                 shutil.rmtree(self.temp, ignore_errors=True)
+                if isinstance(value, OSError) and value.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise OutputError(f"output {self.target}: the disk filled up while writing ({value.strerror}); "
+                                      "nothing was written: free some space or choose another disk") from value
                 return
             old = None
             if self.target.exists() or self.target.is_symlink():

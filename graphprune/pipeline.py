@@ -9,7 +9,9 @@ every pass for the report.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import json
 import sys
 import time
@@ -17,16 +19,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .api import Analysis
 from .errors import UserError
 from .planning import Plan
-from .spec import Spec
+from .spec import Spec, shortened
 
 DEFAULT_PIPELINE = ["calibrate", "score_depth", "plan", "prune", "drop_layers", "materialize", "verify"]
 DRY_RUN_PIPELINE = ["plan"]
@@ -83,21 +86,44 @@ class RegisteredPass:
     fn: PassFn
     requires: tuple[str, ...]
     provides: tuple[str, ...]
+    sections: tuple[str, ...]
     doc: str
+
+    def arguments(self) -> type[BaseModel]:
+        """The pass's keyword arguments as a pydantic model, from its signature and annotations."""
+        return _arguments_model(self.fn, self.name)
+
+
+@functools.lru_cache(maxsize=None)
+def _arguments_model(fn: Callable, name: str) -> type[BaseModel]:
+    signature = inspect.signature(fn)
+    try:
+        hints = get_type_hints(fn)
+    except Exception:  # noqa: BLE001 - a plugin's unresolvable annotation: check names, not types
+        hints = {}
+    parameters = list(signature.parameters.values())[1:]  # the first is the context
+    fields = {p.name: (hints.get(p.name, Any), ... if p.default is p.empty else p.default)
+              for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    open_ended = any(p.kind is p.VAR_KEYWORD for p in parameters)
+    config = ConfigDict(extra="allow" if open_ended else "forbid", arbitrary_types_allowed=True)
+    return create_model(f"{name}_args", __config__=config, **fields)
 
 
 PASSES: dict[str, RegisteredPass] = {}
 
 
-def register_pass(name: str, requires: tuple[str, ...] = (), provides: tuple[str, ...] = ()) -> Callable[[PassFn], PassFn]:
+def register_pass(name: str, requires: tuple[str, ...] = (), provides: tuple[str, ...] = (),
+                  sections: tuple[str, ...] = ()) -> Callable[[PassFn], PassFn]:
     """Register `fn(ctx, **args) -> PassResult` as pass `name`.
 
     `requires` / `provides` name PassContext fields (e.g. "plan", "state_dict"): the manager refuses
-    to run a pass whose inputs no earlier pass produced.
+    to run a pass whose inputs no earlier pass produced. `sections` names the spec sections the pass
+    is configured by (e.g. "distill"). A spec's pass arguments are checked against `fn`'s signature
+    and annotations before anything loads.
     """
 
     def decorate(fn: PassFn) -> PassFn:
-        PASSES[name] = RegisteredPass(name, fn, requires, provides, (fn.__doc__ or "").strip().split("\n")[0])
+        PASSES[name] = RegisteredPass(name, fn, requires, provides, sections, (fn.__doc__ or "").strip().split("\n")[0])
         return fn
 
     return decorate
@@ -124,17 +150,46 @@ def load_passes(plugins: list[str], spec_dir: Path | None = None) -> None:
         entry.load()
 
 
-def run_pipeline(ctx: PassContext, pipeline: list[tuple[str, dict[str, Any]]]) -> None:
+Pipeline = list[tuple[str, dict[str, Any]]]
+
+
+def check_pipeline(spec: Spec, pipeline: Pipeline) -> Pipeline:
+    """Everything about a pipeline that needs no weights: pass names, data flow, the spec sections each
+    pass needs, and each pass's arguments (names and types). Returns the pipeline with validated arguments."""
     unknown = [name for name, _ in pipeline if name not in PASSES]
     if unknown:
-        raise PipelineError(f"passes: unknown pass {', '.join(map(repr, unknown))}; registered passes: "
+        raise PipelineError(f"passes: unknown pass {', '.join(repr(n[:100]) for n in unknown)}; registered passes: "
                             f"{', '.join(sorted(PASSES))}")
-    available = {"spec", "analysis"}
-    for name, _ in pipeline:  # check the whole pipeline's data flow before running anything
-        missing = [r for r in PASSES[name].requires if r not in available]
+    available, checked = {"spec", "analysis"}, []
+    for index, (name, args) in enumerate(pipeline):
+        registered = PASSES[name]
+        missing = [r for r in registered.requires if r not in available]
         if missing:
             raise PipelineError(f"pass {name!r} needs {', '.join(missing)}, which no earlier pass provides")
-        available.update(PASSES[name].provides)
+        available.update(registered.provides)
+        absent = [section for section in registered.sections if getattr(spec, section, None) is None]
+        if absent:
+            raise PipelineError(f"pass {name!r} needs the spec's {', '.join(map(repr, absent))} section")
+        checked.append((name, _checked_arguments(registered, args, f"passes[{index}].args")))
+    return checked
+
+
+def _checked_arguments(registered: RegisteredPass, args: dict[str, Any], where: str) -> dict[str, Any]:
+    try:
+        validated = registered.arguments().model_validate(args)
+    except ValidationError as err:
+        accepted = ", ".join(registered.arguments().model_fields) or "none"
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(all)'}: "
+                             f"{'unknown argument' if e['type'] == 'extra_forbidden' else e['msg']}"
+                             for e in err.errors())
+        raise PipelineError(f"{where} of pass {registered.name!r}: {shortened(problems, 300)} "
+                            f"(arguments it takes: {accepted})") from None
+    given = {key: getattr(validated, key) for key in validated.model_fields_set if key in type(validated).model_fields}
+    return {**given, **(validated.model_extra or {})}
+
+
+def run_pipeline(ctx: PassContext, pipeline: Pipeline) -> None:
+    pipeline = check_pipeline(ctx.spec, pipeline)
     timings = ctx.report.setdefault("seconds_per_pass", {})
     for name, args in pipeline:
         start = time.perf_counter()
@@ -144,7 +199,7 @@ def run_pipeline(ctx: PassContext, pipeline: list[tuple[str, dict[str, Any]]]) -
         ctx.report.setdefault("passes", []).append({"name": name, "changed": result.changed, **result.summary})
 
 
-def pipeline_of(spec: Spec, dry_run: bool) -> list[tuple[str, dict[str, Any]]]:
+def pipeline_of(spec: Spec, dry_run: bool) -> Pipeline:
     if dry_run:  # planning only: keep what runs without weights or data
         steps = [(p.name, p.args) for p in spec.passes] if spec.passes is not None else [(n, {}) for n in DRY_RUN_PIPELINE]
         return [(name, args) for name, args in steps if name in DRY_RUN_PIPELINE]

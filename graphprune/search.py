@@ -124,7 +124,7 @@ def enumerate_candidates(analysis: Analysis, spec: Spec,
 
 
 def _budget(spec: Spec) -> tuple[int, str]:
-    explicit = [k for k, v in spec.targets.model_dump().items() if v not in (None, {}) and k != "params"]
+    explicit = [k for k, v in spec.targets.model_dump().items() if v not in (None, {}, False) and k != "params"]
     if explicit:
         raise SearchError(f"targets: a search takes its sizes from search.space; remove {', '.join(explicit)}")
     if (spec.targets.params is None) == (spec.search.memory_bytes is None):
@@ -276,9 +276,8 @@ def plan_search(spec: Spec) -> dict[str, Any]:
 
 def run_search(spec: Spec, console: Any) -> dict[str, Any]:
     """`graphprune search SPEC`: the whole search; returns the report (also in <output>/search.json)."""
-    from .apply import _to_runtime, preflight
-    from .data import load_tokenizer
-    from .distill import training_samples
+    from .apply import protected_paths
+    from .outputs import OutputLock, check_output_location
 
     if spec.search is None:
         raise SearchError("the spec has no 'search' section")
@@ -290,18 +289,31 @@ def run_search(spec: Spec, console: Any) -> dict[str, Any]:
     budget, measure = _budget(spec)
     load_passes(spec.plugins, spec.source_dir)
     started = time.perf_counter()
+    out = Path(spec.output).resolve()
+    check_output_location(out, **protected_paths(spec))
+    with OutputLock(out):  # resumable, so not atomic; but one search per folder, never in the user's inputs
+        return _search_in(out, spec, budget, measure, started, console)
+
+
+def _search_in(out: Path, spec: Spec, budget: int, measure: str, started: float, console: Any) -> dict[str, Any]:
+    """The search proper, in its locked output folder (resumed from what it holds)."""
+    from .apply import _to_runtime, check_removal_scores, preflight
+    from .data import load_tokenizer
+    from .distill import remove_scratch, training_samples
+
     analysis = analyze(spec.model.path, trust_remote_code=spec.model.trust_remote_code)
     if analysis.family is None:
         raise SearchError("search: needs a Hugging Face family model (Nemotron-H, Mamba2, Llama)")
     _to_runtime(analysis, spec)
-    out = Path(spec.output)
     out.mkdir(parents=True, exist_ok=True)
+    remove_scratch(out)
     state = SearchState(out, fingerprint(spec), console)
     base = PassContext(spec=spec, analysis=analysis, workdir=out, console=console)
     preflight(base)
 
     clock = time.perf_counter()
-    PASSES["calibrate"].fn(base)  # cached in <output>/scores: a resumed search does not recompute them
+    check_removal_scores(spec, analysis, {g.name: 0 for g in analysis.groups})  # a candidate may shrink any
+    PASSES["calibrate"].fn(base, every_group=True)  # cached in <output>/scores: a resume does not recompute
     layer_choices = axis_values(analysis, "num_layers", spec.search.space.get("num_layers"))
     if min(layer_choices) < len(analysis.layers):
         if state.data.get("depth_scores") is None:
@@ -355,7 +367,8 @@ def _short_distill(base: PassContext, candidate: Candidate, train, holdout, eval
 
     student = _materialize(base, candidate)
     clock = time.perf_counter()
-    result = distill_in_process(base.analysis.model, student, train, holdout, base.spec.distill, base.console)
+    result = distill_in_process(base.analysis.model, student, train, holdout, base.spec.distill, base.console,
+                                scratch_in=base.workdir)
     candidate.seconds["distill"] = round(time.perf_counter() - clock, 3)
     clock = time.perf_counter()
     candidate.kd_kl = result.eval_loss
@@ -393,7 +406,7 @@ def _final_distill(base: PassContext, best: Candidate, train, holdout, eval_set,
     spec = base.spec.distill.model_copy(update={"steps": base.spec.search.final_distill_steps, "tokens": None})
     student = AutoModelForCausalLM.from_pretrained(out / "candidates" / best.key, dtype=torch.float32)
     student.to(next(base.analysis.model.parameters()).device)
-    result = distill_in_process(base.analysis.model, student, train, holdout, spec, base.console)
+    result = distill_in_process(base.analysis.model, student, train, holdout, spec, base.console, scratch_in=out)
     write_hf_checkpoint(student, out / "winner", tokenizer_from=base.spec.model.path)
     return {"folder": str(out / "winner"), "steps": result.steps, "tokens": result.tokens,
             "loss": heldout_loss(student, eval_set, spec.micro_batch_size), "kd_kl": result.eval_loss}

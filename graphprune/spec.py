@@ -7,10 +7,11 @@ Field names follow NVIDIA Model Optimizer where it has them (`hidden_size`, `ffn
 from __future__ import annotations
 
 import json
+import reprlib
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from .errors import UserError
 
@@ -25,12 +26,25 @@ def _exactly_one(model: BaseModel, first: str, second: str, what: str) -> BaseMo
     return model
 
 
+def _usable_path(value: str) -> str:
+    """A path the operating system can take: refused here, the OS would fail later with a bare OSError."""
+    if "\x00" in value:
+        raise ValueError("a path cannot contain a NUL character")
+    if len(value.encode()) > 4096 or any(len(part.encode()) > 255 for part in Path(value).parts):
+        raise ValueError(f"path too long ({len(value):,} characters; the system allows 4096, and 255 per name)")
+    return value
+
+
+PathText = Annotated[str, AfterValidator(_usable_path)]
+"""A local path or hub id."""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
 class ModelSpec(_Strict):
-    path: str
+    path: PathText
     """Hugging Face model folder, config.json (planning on meta), or hub id (online)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype to load the weights in."""
@@ -41,7 +55,7 @@ class ModelSpec(_Strict):
 
 
 class DataSpec(_Strict):
-    path: str | None = None
+    path: PathText | None = None
     """Local file: .txt (one document per blank-line separated block), .jsonl/.json, .parquet, .txt.gz."""
     dataset: str | None = None
     """A `datasets` hub id, for users who are online (instead of `path`)."""
@@ -58,7 +72,7 @@ class DataSpec(_Strict):
 class CalibrationSpec(_Strict):
     data: DataSpec
     """Text used to measure activations."""
-    tokenizer: str | None = None
+    tokenizer: PathText | None = None
     """Tokenizer folder or hub id; default: the model's own."""
     num_samples: int = Field(1024, ge=1)
     """Number of sequences (the paper: 1024)."""
@@ -116,12 +130,18 @@ class TargetsSpec(_Strict):
     (each in its constraint's steps, in sizes the family's config accepts) until the model fits."""
     groups: dict[str, int] = Field(default_factory=dict)
     """Per-group sizes by group name (see `graphprune inspect`); generic models only."""
+    identity: bool = False
+    """Prune nothing, on purpose: write an unpruned copy through the whole pipeline (a correctness check).
+    Without it, targets that leave the model unchanged are an error."""
 
     @model_validator(mode="after")
     def _budget_without_depth(self) -> TargetsSpec:
         if self.params is not None and self.num_layers is not None:
             raise ValueError("'params' is a width budget: give num_layers without it (or use `graphprune search`, "
                              "which trades depth against width)")
+        given = [name for name, value in self if name != "identity" and value not in (None, {})]
+        if self.identity and given:
+            raise ValueError(f"'identity' prunes nothing: remove {', '.join(given)} or 'identity'")
         return self
 
 
@@ -133,13 +153,13 @@ class PassSpec(_Strict):
 
 
 class DistillSpec(_Strict):
-    teacher: str | None = None
+    teacher: PathText | None = None
     """Teacher model folder; default: `model.path` (the original model)."""
-    student: str | None = None
+    student: PathText | None = None
     """Student model folder; default: `output` (the pruned model)."""
     data: DataSpec | None = None
     """Training text; default: the calibration data."""
-    tokenizer: str | None = None
+    tokenizer: PathText | None = None
     """Default: the teacher's."""
     holdout_fraction: float = Field(0.05, gt=0, lt=1)
     """Share of the packed sequences kept out of training for eval_loss."""
@@ -271,7 +291,7 @@ class Spec(_Strict):
     plugins: list[str] = Field(default_factory=list)
     """Python modules to import first; they register passes. A module beside the spec file imports too. Plugins
     are arbitrary code, run with your rights: list only modules you trust."""
-    output: str | None = Field(None, min_length=1)
+    output: PathText | None = Field(None, min_length=1)
     """Directory for the pruned model and report.json (written atomically; relative to the spec file). It may not
     be, contain or lie inside the model's folder, nor be or contain the spec's or the data's folder."""
     reconstruct: ReconstructSpec | None = Field(default_factory=ReconstructSpec)
@@ -298,11 +318,17 @@ def load_spec(path: str | Path) -> Spec:
     """Read and validate a spec; relative paths in it are relative to the spec file."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SpecError(f"spec file {path} does not exist") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"{path}: not UTF-8 text; a spec is a JSON file in UTF-8") from None
     except json.JSONDecodeError as err:
         raise SpecError(f"{path}: not valid JSON: {err}") from None
+    except RecursionError:
+        raise SpecError(f"{path}: nested too deeply to be a spec") from None
+    except OSError as err:  # a folder, no permission, a name too long
+        raise SpecError(f"{path}: cannot be read: {err.strerror or err}") from None
     spec = resolve_paths(parse_spec(data, source=str(path)), path.parent)
     spec._source_dir = path.parent.resolve()
     return spec
@@ -324,11 +350,21 @@ def _describe(error: dict) -> str:
         if parent is not None:
             message += f"; valid fields here: {', '.join(parent.model_fields)}"
     elif error["type"] == "literal_error":
-        message = f"{message} (got {_shortened(repr(error.get('input')))})"
-    return f"  at {_shortened(where)}: {_shortened(message, 300)}"
+        message = f"{message} (got {quoted(error.get('input'))})"
+    return f"  at {shortened(where)}: {shortened(message, 300)}"
 
 
-def _shortened(text: str, limit: int = 100) -> str:
+QUOTE = reprlib.Repr()  # quotes user values in errors, bounded in length and depth (a 5,000-deep list too)
+QUOTE.maxlevel, QUOTE.maxstring, QUOTE.maxother, QUOTE.maxlist, QUOTE.maxdict = 3, 100, 100, 5, 5
+
+
+def quoted(value: Any) -> str:
+    """A user's value in an error message: bounded, with the length of a cut string."""
+    text = QUOTE.repr(value)
+    return f"{text} ({len(value):,} characters)" if isinstance(value, str) and len(value) > QUOTE.maxstring else text
+
+
+def shortened(text: str, limit: int = 100) -> str:
     """Quoted user input is cut, so that a huge value cannot flood the terminal."""
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 

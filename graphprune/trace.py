@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import os
+import pickle
+import socket
 import sys
 import traceback
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from .errors import UserError
@@ -46,21 +53,43 @@ def load_model(
     if path.is_file() and path.suffix == ".json":
         return _from_config(_read_config(path, trust_remote_code), dtype)
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise LoadError(f"{path} is a directory without a config.json: not a Hugging Face model folder")
+        config = _folder_config(path, trust_remote_code)
         has_weights = any((path / name).is_file() for name in WEIGHT_FILES)
         if meta or not has_weights:
-            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
             return _from_config(config, dtype)
-        model, info = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code,
-            use_safetensors=not (path / "pytorch_model.bin").is_file() or None, output_loading_info=True,
-        )
+        try:
+            model, info = AutoModelForCausalLM.from_pretrained(
+                path, config=config, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code,
+                use_safetensors=not (path / "pytorch_model.bin").is_file() or None, output_loading_info=True,
+                ignore_mismatched_sizes=True,  # check_loaded names every mis-shaped tensor
+            )
+        except UNREADABLE_WEIGHTS as err:
+            raise LoadError(f"{path}: the weights ({', '.join(n for n in WEIGHT_FILES if (path / n).is_file())}) "
+                            f"cannot be read: {_first_line(err)}") from err
         check_loaded(path, model, info)
         return model.to(device).eval()
     if path.exists() or str(source).startswith((".", "/")) or str(source).endswith(".json"):
         raise LoadError(f"model source {source!r} is neither a Hugging Face model folder nor a config .json file")
     return _from_hub(str(source), meta=meta, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+
+
+# what a truncated, garbage or hostile weights file raises inside transformers, safetensors and torch.load
+UNREADABLE_WEIGHTS = (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError)
+
+
+def _folder_config(path: Path, trust_remote_code: bool) -> Any:
+    from transformers import AutoConfig
+
+    if not (path / "config.json").is_file():
+        raise LoadError(f"{path} is a directory without a config.json: not a Hugging Face model folder")
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError, KeyError) as err:  # empty, not JSON, unknown model_type, bad values
+        raise LoadError(f"{path / 'config.json'}: {_first_line(err)}") from err
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
 
 
 def check_loaded(path: Path, model: nn.Module, info: dict) -> None:
@@ -80,17 +109,50 @@ def check_loaded(path: Path, model: nn.Module, info: dict) -> None:
 def _from_hub(hub_id: str, *, meta: bool, dtype: torch.dtype | None, device: str, trust_remote_code: bool) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    local_only = not hub_reachable()
     try:
-        if meta:
-            return _from_config(AutoConfig.from_pretrained(hub_id, trust_remote_code=trust_remote_code), dtype)
-        return AutoModelForCausalLM.from_pretrained(
-            hub_id, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code
-        ).to(device).eval()
+        with offline_mode(local_only):
+            if meta:
+                return _from_config(AutoConfig.from_pretrained(hub_id, trust_remote_code=trust_remote_code), dtype)
+            return AutoModelForCausalLM.from_pretrained(
+                hub_id, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code).to(device).eval()
     except OSError as err:
-        raise LoadError(
-            f"{hub_id!r} is not a local path, and loading it as a Hugging Face hub id failed "
-            f"(offline, or no such model): {str(err).splitlines()[0]}"
-        ) from err
+        why = "the hub cannot be reached and it is not in the local cache" if local_only else "no such model?"
+        raise LoadError(f"{hub_id!r} is neither a local folder nor a config .json, and loading it as a Hugging Face "
+                        f"hub id failed ({why}): {_first_line(err)}") from err
+
+
+@contextlib.contextmanager
+def offline_mode(offline: bool = True):
+    """The hub's cache only, like HF_HUB_OFFLINE=1, for this block: an unreachable hub then fails in
+    milliseconds instead of a minute of retries (transformers asks huggingface_hub whether it is offline
+    at every call; `local_files_only` alone does not reach its adapter lookup)."""
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = saved or offline
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub answers (a TCP connect, 3 s at most); False when HF_HUB_OFFLINE is set.
+    Behind a proxy the answer is assumed yes: the proxy, not a direct connection, decides."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    address = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((address.hostname, address.port or 443), timeout=3).close()
+    except OSError:
+        return False
+    return True
 
 
 def _read_config(path: Path, trust_remote_code: bool) -> Any:

@@ -6,7 +6,7 @@ from graphprune.bench import BenchSettings, bench as run_bench
 from graphprune.pipeline import PassContext, PassResult, PipelineError, register_pass
 
 
-@register_pass("bench", requires=("pruned_model",))
+@register_pass("bench", requires=("pruned_model",), sections=("bench",))
 def bench(ctx: PassContext) -> PassResult:
     """Each engine of `bench.engines` on the original model folder and on the written output."""
     spec = ctx.section("bench")

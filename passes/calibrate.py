@@ -21,13 +21,15 @@ from graphprune.planning import plan_sizes
 SCORES_FILE = "scores/activations.safetensors"
 
 
-def groups_by_method(ctx: PassContext) -> dict[str, list[Group]]:
-    """The shrunk groups, by the method that scores them."""
+def groups_by_method(ctx: PassContext, every_group: bool = False) -> dict[str, list[Group]]:
+    """The shrunk groups (`every_group`: all of them), by the method that scores them."""
     by_method: dict[str, list[Group]] = {}
     sizes = plan_sizes(ctx.analysis, ctx.spec.targets).sizes
-    for group in scored_groups(ctx.analysis, sizes):
+    groups = [g for g in ctx.analysis.groups if g.kind != "layer"] if every_group else scored_groups(ctx.analysis, sizes)
+    for group in groups:
         method = method_for(ctx.spec.importance, group)
-        if method == "activation" or sizes[group.name] < group.size:  # only Algorithm 1 scores a kept axis too
+        # only Algorithm 1 scores a kept axis too
+        if every_group or method == "activation" or sizes[group.name] < group.size:
             by_method.setdefault(method, []).append(group)
     return by_method
 
@@ -73,9 +75,12 @@ def cached_scores(path: Path, expected: str) -> dict | None:
 
 
 @register_pass("calibrate", provides=("activations",))
-def calibrate(ctx: PassContext) -> PassResult:
-    """Activation scores (forward hooks), taylor (one backward per batch), removal (one forward per unit)."""
-    by_method = groups_by_method(ctx)
+def calibrate(ctx: PassContext, every_group: bool = False) -> PassResult:
+    """Activation scores (forward hooks), taylor (one backward per batch), removal (one forward per unit).
+
+    Only the groups the targets shrink are scored; `every_group` scores all (a search, whose candidates
+    may shrink any of them)."""
+    by_method = groups_by_method(ctx, every_group)
     sites = [site for group in by_method.get("activation", []) for site in activation_sites(ctx.analysis, group)]
     taylor = {g.name: (g, mask_sites(ctx.analysis, g)) for g in by_method.get("taylor", [])}
     removal = {g.name: (g, mask_sites(ctx.analysis, g)) for g in by_method.get("removal", [])}

@@ -6,7 +6,7 @@ from graphprune.export import export_model
 from graphprune.pipeline import PassContext, PassResult, PipelineError, register_pass
 
 
-@register_pass("export", requires=("pruned_model",))
+@register_pass("export", requires=("pruned_model",), sections=("export",))
 def export(ctx: PassContext) -> PassResult:
     """Every format in `export.formats`, from the final (pruned, distilled) model."""
     spec = ctx.section("export")

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from graphprune.importance import forward, reader_slices
-from graphprune.pipeline import PassContext, PassResult, PipelineError, register_pass
+from graphprune.pipeline import PassContext, PassResult, register_pass
 from graphprune.rewrite import rewrite_graph
 from graphprune.spec import ReconstructSpec
 
@@ -124,13 +124,12 @@ def refit(weight: torch.Tensor, kept: torch.Tensor, gram: torch.Tensor, ridge: f
     return torch.linalg.solve(system, right.T).T                     # system is symmetric
 
 
-@register_pass("reconstruct", requires=("plan", "state_dict"), provides=("state_dict", "pruned_model"))
+@register_pass("reconstruct", requires=("plan", "state_dict"), provides=("state_dict", "pruned_model"),
+               sections=("calibration",))
 def reconstruct(ctx: PassContext) -> PassResult:
     """Least-squares refit of the kept input columns of every reader of a pruned unit to the original outputs;
     for a shrunk hidden size, the residual-stream norms are rescaled first."""
     spec = ctx.spec.reconstruct or ReconstructSpec()  # listed explicitly in `passes`: the defaults
-    if ctx.spec.calibration is None:
-        raise PipelineError("reconstruct: needs calibration data; add a 'calibration' section")
     found, norms = consumers(ctx), residual_norms(ctx)
     if not found and not norms:
         return PassResult(summary={"layers": 0})

@@ -49,7 +49,7 @@ def original(workspace, model):
 
 @pytest.mark.parametrize("model", ["nemotron", "mamba2", "llama"])
 def test_identity_spec_reproduces_logits_exactly(workspace, model):
-    report, pruned = run(workspace, model, {}, f"identity-{model}")
+    report, pruned = run(workspace, model, {"identity": True}, f"identity-{model}")
     assert report["pruned"]["params"] == report["original"]["params"]
     assert torch.equal(logits(pruned, ids()), logits(original(workspace, model), ids()))
 

@@ -82,17 +82,27 @@ def test_resume_continues_the_same_loss_curve(setup):
     torch.testing.assert_close(torch.tensor(resumed), torch.tensor(uninterrupted), rtol=1e-6, atol=1e-7)
 
 
-def test_two_processes_follow_one_process(setup):
-    _, single = spec_in(setup, "single", grad_accum=2, steps=8)
+@pytest.mark.parametrize("distributed,port", [("ddp", 29531), ("fsdp", 29532)])
+def test_two_processes_follow_one_process_and_write_the_student(setup, distributed, port):
+    _, single = spec_in(setup, f"single-{distributed}", grad_accum=2, steps=8)
     run_distill(single)
-    path, _ = spec_in(setup, "pair", grad_accum=1, steps=8)  # 2 ranks x 2 sequences = the same global batch
+    # 2 ranks x 2 sequences = the same global batch
+    path, _ = spec_in(setup, f"pair-{distributed}", grad_accum=1, steps=8, distributed=distributed)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531",
-                    "-m", "graphprune.cli", "distill", str(path), "--json"], check=True, env=env,
-                   capture_output=True, text=True, timeout=600)
-    one = torch.tensor([r["loss"] for r in log_of(setup, "single")])
-    two = torch.tensor([r["loss"] for r in log_of(setup, "pair")])
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                           str(port), "-m", "graphprune.cli", "distill", str(path), "--json"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = torch.tensor([r["loss"] for r in log_of(setup, f"single-{distributed}")])
+    two = torch.tensor([r["loss"] for r in log_of(setup, f"pair-{distributed}")])
     torch.testing.assert_close(two, one, rtol=1e-4, atol=1e-5)
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(0, 4096, (1, 16), generator=torch.Generator().manual_seed(0))
+    alone = AutoModelForCausalLM.from_pretrained(setup["root"] / f"single-{distributed}").eval()
+    together = AutoModelForCausalLM.from_pretrained(setup["root"] / f"pair-{distributed}").eval()
+    with torch.no_grad():  # the student the 2 ranks wrote is the one 1 process trained
+        torch.testing.assert_close(together(ids).logits, alone(ids).logits, rtol=1e-3, atol=1e-4)
 
 
 def test_kd_loss_definition():

@@ -150,6 +150,9 @@ def test_bench_json_ratios_come_from_measured_times(workspace, tmp_path):
     assert first["speedup_vs_first"] == 1.0
     assert second["speedup_vs_first"] == pytest.approx(total[0] / total[1])
     assert second["ideal_speedup_vs_first"] == 1.0  # the same weights
+    rounds = [(p0 + d0) / (p1 + d1) for p0, d0, p1, d1 in zip(first["prefill_seconds"], first["decode_seconds"],
+                                                              second["prefill_seconds"], second["decode_seconds"])]
+    assert second["speedup_range"] == [min(rounds), max(rounds)]
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -209,3 +212,22 @@ def test_rewriting_a_checkpoint_leaves_no_stale_weight_shards(workspace, nemotro
     write_hf_checkpoint(nemotron, folder)
     assert sorted(p.name for p in folder.glob("*.safetensors*")) == ["model.safetensors"]
     assert check_checkpoint(folder) == []
+
+
+def test_bench_flags_ratios_it_cannot_support():
+    from graphprune.bench import BenchResult, add_ratios
+
+    def result(name, matmul, seconds):
+        return BenchResult(model=name, engine="torch", params=matmul, matmul_params=matmul, prefill_tokens_per_s=1,
+                           decode_tokens_per_s=1, peak_memory_bytes=1, prefill_seconds=[0.0] * len(seconds),
+                           decode_seconds=seconds)
+
+    base = result("original", 100, [1.0, 1.0, 1.0])
+    noisy = result("pruned-noisy", 50, [0.8, 1.3, 0.9])     # rounds 1.25x, 0.77x, 1.11x: straddles 1.0
+    loaded = result("pruned-loaded", 50, [0.11, 0.12, 0.10])  # ~9x against an ideal of 2x, spread ~1.5
+    honest = result("pruned", 50, [0.55, 0.52, 0.58])        # ~1.9x, within the ideal
+    add_ratios([base, noisy, loaded, honest])
+    assert base.flags == [] and honest.flags == []
+    assert noisy.speedup_range == pytest.approx((1 / 1.3, 1 / 0.8))
+    assert any("no significant difference" in f for f in noisy.flags)
+    assert any("exceeds the ideal 2.00x" in f for f in loaded.flags)

@@ -13,6 +13,7 @@ IDS = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(1)) 
 
 
 def prune(tmp_path, groups, **targets):
+    targets = {**targets, "identity": True} if not groups and not targets else targets
     spec = parse_spec({"model": {"path": "hand-hybrid"}, "importance": MAGNITUDE,
                        "targets": {"groups": groups, **targets}, "output": str(tmp_path / "out")})
     model = hand_hybrid()
