@@ -32,15 +32,18 @@ def write_hf_checkpoint(model: nn.Module, folder: Path, tokenizer_from: str | Pa
     """Write `model` into `folder` (created if needed; model files replaced one by one, each atomically)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    temporary = folder.parent / f".{folder.name}.writing-{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
+    for leftover in folder.glob(".writing-*"):  # of a killed write: inside the folder, so never beside it
+        shutil.rmtree(leftover, ignore_errors=True)
+    temporary = folder / f".writing-{os.getpid()}"
     try:
         model.save_pretrained(temporary, safe_serialization=True)
         config_path = temporary / "config.json"
         config_path.write_text(json.dumps(json.loads(config_path.read_text()) | config_extras(model),
                                           indent=2) + "\n")
         written = {item.name for item in temporary.iterdir()}
+        mode = 0o666 & ~_umask()  # safetensors writes 0600; the checkpoint is as readable as the other files
         for item in temporary.iterdir():
+            os.chmod(item, mode)
             os.replace(item, folder / item.name)
         for stale in folder.glob("model*.safetensors*"):  # shards of an earlier save that this one did not write
             if stale.name not in written:
@@ -49,6 +52,12 @@ def write_hf_checkpoint(model: nn.Module, folder: Path, tokenizer_from: str | Pa
         shutil.rmtree(temporary, ignore_errors=True)
     if tokenizer_from is not None:
         copy_tokenizer(Path(tokenizer_from), folder)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def copy_tokenizer(source: Path, out: Path) -> bool:

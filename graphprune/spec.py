@@ -209,6 +209,9 @@ class ReconstructSpec(_Strict):
     """Ridge damping, relative to the mean diagonal of the kept inputs' Gram matrix."""
     samples: int | None = Field(None, ge=1)
     """Calibration sequences for the input statistics (default: all of them)."""
+    max_gram_bytes: int = Field(4 * 2**30, ge=1)
+    """Most bytes of float64 Gram matrices held at once. The readers are refitted in chunks that fit, one
+    forward pass over the samples per chunk (Nemotron-H 8B's 24 down_proj alone would need 89 GB at once)."""
 
 
 class ExportSpec(_Strict):

@@ -91,6 +91,21 @@ def input_statistics(model: nn.Module, modules: list[str], norms: dict[str, torc
     return {name: grams[owner_of[name]] for name in modules}, {n: v / max(tokens, 1) for n, v in ratio_sums.items()}
 
 
+def gram_chunks(modules: list[str], in_features: dict[str, int], budget: int) -> list[list[str]]:
+    """The modules packed, largest first, into chunks whose Gram matrices (float64, in_features^2 each,
+    counted as if none were shared) fit `budget` bytes; a module larger than the budget is a chunk alone."""
+    chunks: list[tuple[list[int], list[str]]] = []   # (bytes used, modules)
+    for module in sorted(modules, key=lambda m: -in_features[m]):
+        size = 8 * in_features[module] ** 2
+        chunk = next((c for c in chunks if c[0][0] + size <= budget), None)
+        if chunk is None:
+            chunk = ([0], [])
+            chunks.append(chunk)
+        chunk[0][0] += size
+        chunk[1].append(module)
+    return [names for _, names in chunks]
+
+
 def residual_norms(ctx: PassContext) -> dict[str, torch.Tensor]:
     """RMS/LayerNorm modules over the hidden size, when it shrinks -> the kept hidden channels."""
     hidden = next((g for g in ctx.plan.shrunk(ctx.analysis) if g.kind == "hidden"), None)
@@ -137,31 +152,42 @@ def reconstruct(ctx: PassContext) -> PassResult:
     batches = ensure_batches(ctx)
     samples = torch.cat(batches)[: spec.samples] if spec.samples else torch.cat(batches)
     few = list(samples.split(batches[0].shape[0]))
-    modules = [name.rsplit(".", 1)[0] for name in found]
-    with ctx.progress("reconstructing (input statistics)", len(samples)) as bar:
-        grams, scales = input_statistics(model, modules, norms, few, lambda n: bar.advance(bar.task_ids[0], n))
     weights = dict(model.named_parameters())
+    param_of = {name.rsplit(".", 1)[0]: name for name in found}
+    chunks = gram_chunks(list(param_of), {m: weights[p].shape[1] for m, p in param_of.items()}, spec.max_gram_bytes)
+    errors, scales = {}, {}
+    with ctx.progress("reconstructing (input statistics)", len(samples) * max(len(chunks), 1)) as bar:
+        for index, chunk in enumerate(chunks or [[]]):  # one forward pass per chunk; its Grams freed after
+            grams, measured = input_statistics(model, chunk, norms if index == 0 else {}, few,
+                                               lambda n: bar.advance(bar.task_ids[0], n))
+            scales.update(measured)
+            for module in chunk:
+                errors[module] = _refit_into(ctx, param_of[module], found[param_of[module]], weights, grams.pop(module),
+                                             spec.ridge)
     for norm, scale in scales.items():  # a norm over fewer channels divides by their smaller RMS: undo it on average
         name = f"{norm}.weight"
         ctx.state_dict[name] = (ctx.state_dict[name].double() * scale).to(ctx.state_dict[name].dtype).contiguous()
-    errors = {}
-    for (param, kept_list), module in zip(found.items(), modules):
-        weight = weights[param].detach().double().cpu()
-        kept = torch.tensor(kept_list, dtype=torch.long)
-        gram = grams[module].cpu()
-        before = output_error(weight, kept, weight[:, kept], gram)
-        fitted = refit(weight, kept, gram, spec.ridge)
-        after = output_error(weight, kept, fitted, gram)
-        if after < before:  # never make the error it minimises worse
-            source = ctx.analysis.slice_name(param)
-            rows = (kept_indices(ctx, source, 0) if 0 in ctx.analysis.structure.param_slices[source]
-                    else list(range(weight.shape[0])))
-            fitted = fitted.index_select(0, torch.tensor(rows, dtype=torch.long))
-            ctx.state_dict[param] = fitted.to(weights[param].dtype).contiguous()
-        errors[module] = {"before": round(before, 6), "after": round(min(after, before), 6)}
     if ctx.analysis.family is None:  # the generic pruned model is the rewritten graph: rebuild it with the refit
         ctx.pruned_model = rewrite_graph(ctx.analysis, ctx.plan, ctx.state_dict)
     ctx.report["reconstruct"] = errors
     mean = {k: round(sum(e[k] for e in errors.values()) / max(len(errors), 1), 6) for k in ("before", "after")}
     return PassResult(changed=True, summary={"layers": len(errors), "relative_error_mean": mean, "samples": len(samples),
-                                             "norms_rescaled": len(scales)})
+                                             "norms_rescaled": len(scales), "passes_over_samples": max(len(chunks), 1)})
+
+
+def _refit_into(ctx: PassContext, param: str, kept_list: list[int], weights: dict[str, torch.Tensor],
+                gram: torch.Tensor, ridge: float) -> dict[str, float]:
+    """Refit one reader into ctx.state_dict (only if that lowers its output error); its errors before/after."""
+    weight = weights[param].detach().double().cpu()
+    kept = torch.tensor(kept_list, dtype=torch.long)
+    gram = gram.cpu()
+    before = output_error(weight, kept, weight[:, kept], gram)
+    fitted = refit(weight, kept, gram, ridge)
+    after = output_error(weight, kept, fitted, gram)
+    if after < before:  # never make the error it minimises worse
+        source = ctx.analysis.slice_name(param)
+        rows = (kept_indices(ctx, source, 0) if 0 in ctx.analysis.structure.param_slices[source]
+                else list(range(weight.shape[0])))
+        fitted = fitted.index_select(0, torch.tensor(rows, dtype=torch.long))
+        ctx.state_dict[param] = fitted.to(weights[param].dtype).contiguous()
+    return {"before": round(before, 6), "after": round(min(after, before), 6)}

@@ -15,6 +15,8 @@ def prune(folder, text, out, targets, reconstruct):
             "targets": targets, "output": str(out)}
     if not reconstruct:
         spec["reconstruct"] = None
+    elif isinstance(reconstruct, dict):
+        spec["reconstruct"] = reconstruct
     report = apply(parse_spec(spec), force=True)
     return report, AutoModelForCausalLM.from_pretrained(out).eval()
 
@@ -81,3 +83,22 @@ def test_reconstruct_refits_the_readers_of_the_residual_stream_but_not_a_tied_he
     teacher = AutoModelForCausalLM.from_pretrained(folder).eval()
     assert heldout_kl(teacher, model, heldout_ids(folder)) < heldout_kl(teacher, plain, heldout_ids(folder))
     assert next(p for p in report["passes"] if p["name"] == "verify")["max_abs_logit_diff"] <= 1e-4
+
+
+def test_reconstruct_in_memory_bounded_chunks_equals_all_at_once(tmp_path):
+    from safetensors.torch import load_file
+
+    from passes.reconstruct import gram_chunks
+
+    folder = write_checkpoint(nemotron_h_config(), tmp_path / "model")
+    text = write_text(tmp_path / "text.txt")
+    targets = {"hidden_size": 32, "mamba_num_heads": 4, "ffn_hidden_size": 40}
+    whole, _ = prune(folder, text, tmp_path / "whole", targets, True)
+    small = 8 * 64 ** 2  # room for one Gram of a 64-wide input at a time
+    chunked, _ = prune(folder, text, tmp_path / "chunked", targets, {"max_gram_bytes": small})
+    passes = {r["name"]: r for r in chunked["passes"]}["reconstruct"]["passes_over_samples"]
+    assert passes > 1 and {r["name"]: r for r in whole["passes"]}["reconstruct"]["passes_over_samples"] == 1
+    assert chunked["reconstruct"] == whole["reconstruct"]
+    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "chunked" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert gram_chunks(["a", "b", "c"], {"a": 10, "b": 10, "c": 100}, budget=8 * 200) == [["c"], ["a", "b"]]

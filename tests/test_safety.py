@@ -218,3 +218,23 @@ def test_a_search_never_writes_into_the_model_folder(inputs):
     with pytest.raises(OutputError, match="overlaps the model folder"):
         run_search(spec, console=None)
     assert hashes(inputs["model"]) == before and not (inputs["model"] / "search").exists()
+
+
+def test_a_checkpoint_is_written_with_the_usual_file_mode_and_no_leftovers(tmp_path):
+    import os
+
+    from transformers import AutoModelForCausalLM
+
+    from export.hf import write_hf_checkpoint
+
+    model = AutoModelForCausalLM.from_config(nemotron_h_config())
+    out = tmp_path / "out"
+    (out / ".writing-999999").mkdir(parents=True)  # what a killed write left
+    old = os.umask(0o022)
+    try:
+        write_hf_checkpoint(model, out)
+    finally:
+        os.umask(old)
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o644  # safetensors alone would write 0600
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
