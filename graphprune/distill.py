@@ -391,9 +391,8 @@ def write_student(student: nn.Module, folder: Path, summary: dict[str, Any]) -> 
 
 def run_distill(spec: Any, *, resume: bool = False, until_step: int | None = None, console: Any = None) -> dict[str, Any]:
     """`graphprune distill`: the student at `distill.student` (default `output`) learns from the teacher."""
-    from transformers import AutoModelForCausalLM
-
-    from .data import check_data, load_tokenizer
+    from .data import check_data
+    from .outputs import OutputLock, check_output_location
 
     dspec: DistillSpec = spec.distill
     if dspec is None:
@@ -405,6 +404,20 @@ def run_distill(spec: Any, *, resume: bool = False, until_step: int | None = Non
                            "or set distill.student)")
     if dspec.data is not None:
         check_data(dspec.data, "distill.data")
+    teacher_folder = Path(teacher_path)
+    if teacher_folder.exists():  # the student is rewritten in place: never the teacher, the user's original
+        check_output_location(student_path, {"the teacher's folder": teacher_folder}, {})
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    with OutputLock(Path(student_path).resolve()) if main_rank else nullcontext():  # one distillation per student
+        return _run_distill_locked(spec, dspec, teacher_path, student_path, resume, until_step, console)
+
+
+def _run_distill_locked(spec: Any, dspec: DistillSpec, teacher_path: str, student_path: str, resume: bool,
+                        until_step: int | None, console: Any) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM
+
+    from .data import load_tokenizer
+
     world = setup_world()
     tokenizer = load_tokenizer(dspec.tokenizer or teacher_path)
     train, holdout = training_samples(dspec, spec.calibration.data if spec.calibration else None, tokenizer)

@@ -238,3 +238,24 @@ def test_a_checkpoint_is_written_with_the_usual_file_mode_and_no_leftovers(tmp_p
     assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o644  # safetensors alone would write 0600
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_distill_never_trains_the_teacher_in_place_and_one_run_per_student(inputs, tmp_path):
+    from graphprune.distill import run_distill
+    from graphprune.outputs import OutputLock
+    from graphprune.spec import parse_spec
+
+    before = hashes(inputs["model"])
+    into_teacher = parse_spec({"model": {"path": str(inputs["model"])}, "output": str(inputs["model"]),
+                               "distill": {"data": {"path": str(inputs["text"])}, "steps": 1}})
+    with pytest.raises(OutputError, match="is the teacher's folder"):
+        run_distill(into_teacher)
+    assert hashes(inputs["model"]) == before
+    student = tmp_path / "student"
+    student.mkdir()
+    (student / "config.json").write_text((inputs["model"] / "config.json").read_text())
+    spec = parse_spec({"model": {"path": str(inputs["model"])}, "output": str(student),
+                       "distill": {"data": {"path": str(inputs["text"])}, "steps": 1}})
+    with OutputLock(student.resolve()):  # another distillation of this student is running
+        with pytest.raises(OutputError, match="being written by another graphprune run"):
+            run_distill(spec)
