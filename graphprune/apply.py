@@ -13,7 +13,7 @@ from .data import check_data, check_vocabulary, load_tokenizer
 from .importance import SPEC_FIELD_OF_KIND, input_embeddings, method_for
 from .outputs import AtomicOutput
 from .pipeline import PassContext, PipelineError, check_pipeline, load_passes, pipeline_of, run_pipeline, write_json
-from .planning import PlanError, count_params, plan_sizes, config_values
+from .planning import PlanError, count_params, plan_sizes, pruned_config
 from .spec import Spec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -106,8 +106,7 @@ def preflight(ctx: PassContext) -> None:
         raise PlanError("targets.num_layers: depth pruning needs a family adapter (Nemotron-H, Mamba2, Llama); "
                         "the generic graph path prunes widths only")
     if analysis.family is not None:
-        kept_layers = list(range(plan.sizes.get("layers", len(analysis.layers))))
-        analysis.family.pruned_config(analysis.model.config, config_values(analysis, plan.sizes), kept_layers)
+        pruned_config(analysis, plan.sizes)  # the family's own config class must accept the plan
     if ctx.dry_run:
         return
     if _needs_calibration(spec) and spec.calibration is None:
@@ -171,11 +170,7 @@ EXPLICIT_REPORT_KEYS = {"groups", "dropped_layers", "passes", "seconds_per_pass"
 def _report(ctx: PassContext, started: float) -> dict[str, Any]:
     analysis, plan = ctx.analysis, ctx.plan
     original_sizes = {g.name: g.size for g in analysis.groups}
-    pruned_config = None
-    if analysis.family is not None and plan is not None:
-        kept = [i for i in range(len(analysis.layers)) if i not in set(plan.dropped_layers)]
-        kept = kept[: plan.sizes.get("layers", len(kept))]
-        pruned_config = analysis.family.pruned_config(analysis.model.config, config_values(analysis, plan.sizes), kept)
+    config = pruned_config(analysis, plan.sizes, plan.dropped_layers) if analysis.family is not None and plan else None
     dropped = plan.dropped_layers if plan else []
     note = None
     if ctx.dry_run and plan is not None and plan.sizes.get("layers", len(analysis.layers)) < len(analysis.layers):
@@ -188,7 +183,7 @@ def _report(ctx: PassContext, started: float) -> dict[str, Any]:
         "original": {"params": analysis.params,
                      "config": config_summary(analysis, getattr(analysis.model, "config", None), original_sizes)},
         "pruned": {"params": count_params(analysis, plan.sizes, dropped) if plan else analysis.params,
-                   "config": config_summary(analysis, pruned_config, plan.sizes if plan else original_sizes)},
+                   "config": config_summary(analysis, config, plan.sizes if plan else original_sizes)},
         "groups": ctx.report.get("groups", {}),
         **{key: value for key, value in ctx.report.items() if key not in EXPLICIT_REPORT_KEYS},  # every pass's entry
         "dropped_layers": dropped,

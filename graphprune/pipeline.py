@@ -29,7 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .api import Analysis
 from .errors import UserError
 from .planning import Plan
-from .spec import Spec, shortened
+from .spec import Spec, TargetsSpec, shortened
 
 DEFAULT_PIPELINE = ["calibrate", "score_depth", "plan", "prune", "drop_layers", "materialize", "verify"]
 DRY_RUN_PIPELINE = ["plan"]
@@ -57,6 +57,7 @@ class PassContext:
     activations: dict[str, torch.Tensor] = field(default_factory=dict)   # per-channel scores per site
     unit_scores: dict[str, torch.Tensor] = field(default_factory=dict)   # taylor/removal scores per group
     depth_scores: torch.Tensor | None = None
+    targets: TargetsSpec | None = None    # what plan follows when a pass chose it (choose_split); else the spec's
     plan: Plan | None = None
     state_dict: dict[str, torch.Tensor] | None = None  # the pruned weights, by original name
     pruned_model: torch.nn.Module | None = None
@@ -207,6 +208,8 @@ def pipeline_of(spec: Spec, dry_run: bool) -> Pipeline:
         steps = [(p.name, p.args) for p in spec.passes]
     else:
         names = list(DEFAULT_PIPELINE)
+        if spec.targets.params is not None and spec.importance.split_candidates > 1 and spec.calibration is not None:
+            names.insert(names.index("plan"), "choose_split")  # a budget: compare ways to spend it first
         if spec.reconstruct is not None and spec.calibration is not None:  # refit before dropping and writing
             names.insert(names.index("prune") + 1, "reconstruct")
         if spec.distill is not None:  # recover the pruned model before it is verified

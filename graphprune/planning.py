@@ -118,6 +118,14 @@ def _kept_size(layout: tuple, sizes: dict[str, int], group_sizes: dict[str, int]
 BUDGET_KINDS = ("hidden", "ffn", "mamba_heads")
 
 
+def pruned_config(analysis: Analysis, sizes: dict[str, int], dropped_layers: list[int] | tuple = ()) -> Any:
+    """The family config of a plan: the new sizes, and the layers not dropped (the first `sizes["layers"]` of
+    them, which is all of them once drop_layers ran). Raises FamilyMismatch when the family's class refuses it."""
+    kept = [i for i in range(len(analysis.layers)) if i not in set(dropped_layers)]
+    kept = kept[: sizes.get("layers", len(kept))]
+    return analysis.family.pruned_config(analysis.model.config, config_values(analysis, sizes), kept)
+
+
 def valid_sizes(analysis: Analysis, sizes: dict[str, int]) -> bool:
     """Whether the family's own config class accepts these sizes (always, for models without a family)."""
     if analysis.family is None:
@@ -125,11 +133,16 @@ def valid_sizes(analysis: Analysis, sizes: dict[str, int]) -> bool:
     from .families import FamilyMismatch
 
     try:
-        analysis.family.pruned_config(analysis.model.config, config_values(analysis, sizes),
-                                      list(range(len(analysis.layers))))
+        pruned_config(analysis, sizes)
     except FamilyMismatch:
         return False
     return True
+
+
+def size_step(group: Group) -> int:
+    """The step a budget moves a width in: its balance unit, times 8 for wide channel axes (multiples of 8
+    keep matmuls efficient)."""
+    return group.balanced_groups * (8 if group.kind != "mamba_heads" and group.size >= 64 else 1)
 
 
 def _fit_budget(analysis: Analysis, budget: int, start: dict[str, int], pinned: set[str]) -> dict[str, int]:
@@ -143,18 +156,15 @@ def _fit_budget(analysis: Analysis, budget: int, start: dict[str, int], pinned: 
         raise PlanError("targets.params: no hidden, FFN or Mamba head axis is left to shrink (the others are pinned "
                         f"by explicit targets); the pinned sizes already need {count_params(analysis, start):,}")
 
-    def step_of(group: Group) -> int:
-        return group.balanced_groups * (8 if group.kind != "mamba_heads" and group.size >= 64 else 1)
-
     def sizes_at(factor: float) -> dict[str, int] | None:
         sizes = dict(start)
         for g in scalable:
-            sizes[g.name] = max(step_of(g), int(g.size * factor) // step_of(g) * step_of(g))
+            sizes[g.name] = max(size_step(g), int(g.size * factor) // size_step(g) * size_step(g))
         for kind in BUDGET_KINDS:  # lower a rejected axis one step at a time (one size per kind)
             groups = [g for g in scalable if g.kind == kind]
-            while groups and not valid_sizes(analysis, sizes) and sizes[groups[0].name] > step_of(groups[0]):
+            while groups and not valid_sizes(analysis, sizes) and sizes[groups[0].name] > size_step(groups[0]):
                 for g in groups:
-                    sizes[g.name] -= step_of(g)
+                    sizes[g.name] -= size_step(g)
         return sizes if valid_sizes(analysis, sizes) else None
 
     def fits(factor: float) -> bool:
@@ -173,8 +183,8 @@ def _fit_budget(analysis: Analysis, budget: int, start: dict[str, int], pinned: 
     # a coarse step (hidden in Llama) can leave budget unused: give it back to FFN, then Mamba heads, then hidden
     for kind in ("ffn", "mamba_heads", "hidden"):
         groups = [g for g in scalable if g.kind == kind]
-        while groups and sizes[groups[0].name] + step_of(groups[0]) <= groups[0].size:
-            grown = {**sizes, **{g.name: sizes[g.name] + step_of(g) for g in groups}}
+        while groups and sizes[groups[0].name] + size_step(groups[0]) <= groups[0].size:
+            grown = {**sizes, **{g.name: sizes[g.name] + size_step(g) for g in groups}}
             if count_params(analysis, grown) > budget or not valid_sizes(analysis, grown):
                 break
             sizes = grown

@@ -30,7 +30,7 @@ import torch
 from .api import Analysis, analyze
 from .distill import distill_in_process, heldout_loss
 from .pipeline import PASSES, PassContext, PipelineError, load_passes
-from .planning import PlanError, count_params, drop_lowest, plan_sizes
+from .planning import PlanError, count_params, drop_lowest, plan_sizes, size_step, valid_sizes
 from .spec import SEARCH_AXES, AxisSpace, Spec, TargetsSpec
 
 SEARCH_FILE = "search.json"
@@ -75,7 +75,7 @@ def axis_values(analysis: Analysis, axis: str, space: AxisSpace | None) -> list[
         step = space.step or unit
         values = list(range(space.max or full, (space.min or step) - 1, -step))
     elif axis in DEFAULT_FRACTIONS:
-        step = unit * (8 if axis in ("hidden_size", "ffn_hidden_size") and full >= 64 * unit else 1)
+        step = 1 if axis == "num_layers" else size_step(_axis_group(analysis, axis))
         values = [max(step, int(full * f) // step * step) for f in DEFAULT_FRACTIONS[axis]]
     else:
         values = [full]
@@ -86,6 +86,51 @@ def axis_values(analysis: Analysis, axis: str, space: AxisSpace | None) -> list[
         except (PlanError, ValueError) as err:
             raise SearchError(f"search.space.{axis}: {err}") from None
     return values
+
+
+BUDGET_AXES = ("hidden_size", "ffn_hidden_size", "mamba_num_heads")  # what a params budget may trade
+
+
+def budget_splits(analysis: Analysis, targets: TargetsSpec, limit: int) -> list[dict[str, Any]]:
+    """Ways to spend `targets.params` over the width axes not pinned, as explicit targets: the one-common-
+    factor split first, then at most `limit - 1` others, spread over parameter counts. Each other split
+    sets all free axes but one to 50-100% of their size and grows the remaining one (the filler, each
+    axis in turn) to the largest size that fits the budget; only splits the family's config accepts and
+    that use at least 85% of the budget are kept."""
+    pinned = {k: v for k, v in targets.model_dump(exclude_defaults=True).items() if k != "params"}
+    common = plan_sizes(analysis, targets).sizes
+    free = [a for a in BUDGET_AXES if a not in pinned and analysis.groups_of_kind(AXIS_KINDS[a])]
+    first = {**pinned, **{axis: common[_axis_group(analysis, axis).name] for axis in free}}
+    if limit == 1 or len(free) < 2:
+        return [first]
+    found: dict[str, Candidate] = {}
+    for filler in free:
+        others = [a for a in free if a != filler]
+        every_size = axis_values(analysis, filler, AxisSpace(step=size_step(_axis_group(analysis, filler))))
+        for sizes in itertools.product(*(axis_values(analysis, a, None) for a in others)):
+            split = {**pinned, **dict(zip(others, sizes))}
+            filled = _largest_fitting(analysis, split, filler, every_size, targets.params)
+            if filled is not None and filled[0] != first and filled[1] >= 0.85 * targets.params:
+                candidate = Candidate(targets=filled[0], params=filled[1])
+                found[candidate.key] = candidate
+    return [first] + [c.targets for c in _spread(list(found.values()), limit - 1)]
+
+
+def _largest_fitting(analysis: Analysis, split: dict[str, Any], axis: str, sizes: list[int],
+                     budget: int) -> tuple[dict[str, Any], int] | None:
+    """`split` with `axis` at the largest of `sizes` (largest first) that fits `budget` and the family's config."""
+    def params(index: int) -> int:
+        return count_params(analysis, plan_sizes(analysis, TargetsSpec(**split, **{axis: sizes[index]})).sizes)
+
+    low, high = 0, len(sizes)  # params fall as the index grows: find the first index that fits
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if params(middle) <= budget else (middle + 1, high)
+    for index in range(low, min(low + 16, len(sizes))):  # a size the config refuses steps down
+        filled = {**split, axis: sizes[index]}
+        if valid_sizes(analysis, plan_sizes(analysis, TargetsSpec(**filled)).sizes):
+            return filled, params(index)
+    return None
 
 
 def _axis_group(analysis: Analysis, axis: str):
@@ -183,16 +228,22 @@ def memory_bytes(analysis: Analysis, candidate: Candidate, dropped: list[int], s
 # ------------------------------------------------------------------------------------------ measuring
 
 
-def _materialize(base: PassContext, candidate: Candidate) -> torch.nn.Module:
-    """The candidate built in memory from the shared scores: plan, prune, drop_layers, materialize."""
+def build_in_memory(base: PassContext, targets: dict[str, Any]) -> torch.nn.Module:
+    """The pruned model of these targets, built in memory from the scores `base` holds: plan, prune,
+    drop_layers, materialize (nothing written)."""
     import graphprune.passes  # noqa: F401  (registers the built-in passes)
 
-    spec = base.spec.model_copy(update={"targets": TargetsSpec(**candidate.targets), "output": None})
-    ctx = PassContext(spec=spec, analysis=base.analysis, activations=base.activations, depth_scores=base.depth_scores,
-                      batches=base.batches, console=base.console)
+    spec = base.spec.model_copy(update={"targets": TargetsSpec(**targets), "output": None})
+    ctx = PassContext(spec=spec, analysis=base.analysis, activations=base.activations, unit_scores=base.unit_scores,
+                      depth_scores=base.depth_scores, batches=base.batches, console=base.console)
     for name in ("plan", "prune", "drop_layers", "materialize"):
         PASSES[name].fn(ctx)
-    model = ctx.pruned_model
+    return ctx.pruned_model
+
+
+def _materialize(base: PassContext, candidate: Candidate) -> torch.nn.Module:
+    """The candidate built in memory from the shared scores, its parameter count checked."""
+    model = build_in_memory(base, candidate.targets)
     built = sum(p.numel() for p in model.parameters())
     if built != candidate.params:  # the analytic count is what the budget was checked against
         raise SearchError(f"candidate {candidate.key}: analytic count {candidate.params:,} != built {built:,}")

@@ -4,6 +4,6 @@ Importing this package registers them all; the default pipeline runs them in thi
 """
 
 from . import (  # noqa: F401
-    bench, calibrate, distill, drop_layers, evaluate, export, materialize, plan, prune, reconstruct, score_depth,
-    verify,
+    bench, calibrate, choose_split, distill, drop_layers, evaluate, export, materialize, plan, prune, reconstruct,
+    score_depth, verify,
 )

@@ -15,7 +15,7 @@ from graphprune.groups import Group
 from graphprune.importance import (activation_sites, collect_activations, collect_removal, collect_taylor, mask_sites,
                                    method_for, scored_groups)
 from graphprune.pipeline import PassContext, PassResult, register_pass
-from graphprune.planning import plan_sizes
+from graphprune.planning import BUDGET_KINDS, plan_sizes
 
 # Not a top-level *.safetensors: runtimes (TensorRT-LLM, vLLM) load every such file as model weights.
 SCORES_FILE = "scores/activations.safetensors"
@@ -25,6 +25,8 @@ def groups_by_method(ctx: PassContext, every_group: bool = False) -> dict[str, l
     """The shrunk groups (`every_group`: all of them), by the method that scores them."""
     by_method: dict[str, list[Group]] = {}
     sizes = plan_sizes(ctx.analysis, ctx.spec.targets).sizes
+    if ctx.spec.targets.params is not None:  # choose_split may spend the budget on any width axis: score them all
+        sizes.update({g.name: 0 for g in ctx.analysis.groups if g.kind in BUDGET_KINDS})
     groups = [g for g in ctx.analysis.groups if g.kind != "layer"] if every_group else scored_groups(ctx.analysis, sizes)
     for group in groups:
         method = method_for(ctx.spec.importance, group)

@@ -9,13 +9,7 @@ import torch
 from graphprune.export.hf import copy_tokenizer, write_hf_checkpoint
 from graphprune.pipeline import PassContext, PassResult, PipelineError, register_pass
 from graphprune.trace import example_inputs
-from graphprune.planning import config_values
-
-
-def pruned_config(ctx: PassContext):
-    analysis = ctx.analysis
-    kept_layers = [i for i in range(len(analysis.layers)) if i not in set(ctx.plan.dropped_layers)]
-    return analysis.family.pruned_config(analysis.model.config, config_values(analysis, ctx.plan.sizes), kept_layers)
+from graphprune.planning import pruned_config
 
 
 @register_pass("materialize", requires=("plan", "state_dict"), provides=("pruned_model",))
@@ -29,7 +23,7 @@ def materialize(ctx: PassContext) -> PassResult:
     analysis = ctx.analysis
     if analysis.family is None:
         return _save_graph(ctx)
-    config = pruned_config(ctx)
+    config = pruned_config(analysis, ctx.plan.sizes, ctx.plan.dropped_layers)
     dtype = next(analysis.model.parameters()).dtype
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     missing, unexpected = model.load_state_dict(ctx.state_dict, strict=False)

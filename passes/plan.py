@@ -65,7 +65,7 @@ def _summary(scores: torch.Tensor, kept: list[int]) -> dict:
 def plan(ctx: PassContext) -> PassResult:
     """Sizes from the targets; with weights, the kept units from the scores."""
     analysis = ctx.analysis
-    ctx.plan = plan_sizes(analysis, ctx.spec.targets)
+    ctx.plan = plan_sizes(analysis, ctx.targets or ctx.spec.targets)
     summaries: dict[str, dict] = {}
     if not ctx.dry_run:
         kept: dict[str, list[int]] = {}

@@ -178,3 +178,40 @@ def test_budget_with_pinned_axes_keeps_them_and_fits(tmp_path):
     assert 0.97 * budget <= count_params(analysis, plan.sizes) <= budget
     with pytest.raises(SpecError, match="num_layers"):
         parse_spec({"model": {"path": "x"}, "targets": {"params": budget, "num_layers": 1}})
+
+
+def test_budget_splits_all_fit_and_the_split_is_chosen_by_loss(tmp_path):
+    """The demo teacher with its FFNs made dead (down_proj zero): the budget is best spent by cutting the FFN
+    and keeping hidden and Mamba heads, which the common shrink factor cannot see."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from checkpoints import DEMO
+    from graphprune.search import budget_splits
+
+    folder = shutil.copytree(DEMO / "teacher", tmp_path / "model")
+    weights = load_file(folder / "model.safetensors")
+    for name in weights:
+        if name.endswith("down_proj.weight"):
+            weights[name] = torch.zeros_like(weights[name])
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    analysis = analyze(str(folder))
+    budget = int(analysis.params * 0.75)
+    targets = parse_spec({"model": {"path": "x"}, "targets": {"params": budget}}).targets
+    splits = budget_splits(analysis, targets, limit=6)
+    assert 1 < len(splits) <= 6 and len({json.dumps(s, sort_keys=True) for s in splits}) == len(splits)
+    for split in splits:
+        sizes = plan_sizes(analysis, parse_spec({"model": {"path": "x"}, "targets": split}).targets).sizes
+        assert 0.85 * budget <= count_params(analysis, sizes) <= budget
+    report = apply(parse_spec({"model": {"path": str(folder)}, "targets": {"params": budget},
+                               "calibration": {"data": {"path": str(DEMO / "corpus" / "train.txt.gz")},
+                                               "num_samples": 8, "seq_len": 128},
+                               "importance": {"ffn": "magnitude"}, "output": str(tmp_path / "out")}))
+    chosen = report["budget_split"]
+    losses = [c["loss"] for c in chosen["candidates"]]
+    assert chosen["chosen"] == chosen["candidates"][losses.index(min(losses))]["targets"]
+    assert min(losses) < losses[0]  # the common factor (first) is beaten
+    assert chosen["chosen"]["ffn_hidden_size"] < chosen["common_factor"]["ffn_hidden_size"]
+    assert report["pruned"]["params"] <= budget
+    assert report["pruned"]["config"]["intermediate_size"] == chosen["chosen"]["ffn_hidden_size"]
