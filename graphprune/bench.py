@@ -96,13 +96,14 @@ def bench(models: list[str], settings: BenchSettings, progress: Callable[[str], 
     if settings.engine == "torch" and settings.runner == "auto":  # one runner for all, so ratios compare models
         runner = "stateful" if any(_attention_free_nemotron_h(_config(m)) for m in models) else "transformers"
         settings = replace(settings, runner=runner)
+    names = labels or list(models)  # before an ONNX export replaces the paths
     _remove_dead_scratch()
     with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-") as scratch:
         if settings.engine == "onnxruntime":  # export here, so that the worker's memory is the runtime's own
             models = [_onnx_folder(model, Path(scratch) / str(index)) for index, model in enumerate(models)]
         workers = [_Worker(model, settings) for model in models]  # all load and warm up at once, untimed
         try:
-            for worker_, label in zip(workers, labels or models):
+            for worker_, label in zip(workers, names):
                 if progress:
                     progress(f"{settings.engine}: loading {label}")
                 worker_.wait_ready()
@@ -116,7 +117,7 @@ def bench(models: list[str], settings: BenchSettings, progress: Callable[[str], 
         finally:
             for worker_ in workers:
                 worker_.stop()
-    for result, label in zip(results, labels or models):
+    for result, label in zip(results, names):
         result.model = label
     add_ratios(results)
     return {"settings": asdict(settings), "results": [asdict(r) for r in results]}
