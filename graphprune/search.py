@@ -91,7 +91,7 @@ def axis_values(analysis: Analysis, axis: str, space: AxisSpace | None) -> list[
 BUDGET_AXES = ("hidden_size", "ffn_hidden_size", "mamba_num_heads")  # what a params budget may trade
 
 
-def budget_splits(analysis: Analysis, targets: TargetsSpec, limit: int) -> list[dict[str, Any]]:
+def budget_splits(analysis: Analysis, targets: TargetsSpec, limit: int) -> list[Candidate]:
     """Ways to spend `targets.params` over the width axes not pinned, as explicit targets: the one-common-
     factor split first, then at most `limit - 1` others, spread over parameter counts. Each other split
     sets all free axes but one to 50-100% of their size and grows the remaining one (the filler, each
@@ -100,7 +100,8 @@ def budget_splits(analysis: Analysis, targets: TargetsSpec, limit: int) -> list[
     pinned = {k: v for k, v in targets.model_dump(exclude_defaults=True).items() if k != "params"}
     common = plan_sizes(analysis, targets).sizes
     free = [a for a in BUDGET_AXES if a not in pinned and analysis.groups_of_kind(AXIS_KINDS[a])]
-    first = {**pinned, **{axis: common[_axis_group(analysis, axis).name] for axis in free}}
+    first = Candidate(targets={**pinned, **{axis: common[_axis_group(analysis, axis).name] for axis in free}},
+                      params=count_params(analysis, common))
     if limit == 1 or len(free) < 2:
         return [first]
     found: dict[str, Candidate] = {}
@@ -110,10 +111,10 @@ def budget_splits(analysis: Analysis, targets: TargetsSpec, limit: int) -> list[
         for sizes in itertools.product(*(axis_values(analysis, a, None) for a in others)):
             split = {**pinned, **dict(zip(others, sizes))}
             filled = _largest_fitting(analysis, split, filler, every_size, targets.params)
-            if filled is not None and filled[0] != first and filled[1] >= 0.85 * targets.params:
+            if filled is not None and filled[0] != first.targets and filled[1] >= 0.85 * targets.params:
                 candidate = Candidate(targets=filled[0], params=filled[1])
                 found[candidate.key] = candidate
-    return [first] + [c.targets for c in _spread(list(found.values()), limit - 1)]
+    return [first] + _spread(list(found.values()), limit - 1)
 
 
 def _largest_fitting(analysis: Analysis, split: dict[str, Any], axis: str, sizes: list[int],
@@ -327,7 +328,7 @@ def plan_search(spec: Spec) -> dict[str, Any]:
 
 def run_search(spec: Spec, console: Any) -> dict[str, Any]:
     """`graphprune search SPEC`: the whole search; returns the report (also in <output>/search.json)."""
-    from .apply import protected_paths
+    from .apply import check_device, protected_paths
     from .outputs import OutputLock, check_output_location
 
     if spec.search is None:
@@ -338,6 +339,7 @@ def run_search(spec: Spec, console: Any) -> dict[str, Any]:
     if spec.output is None:
         raise SearchError("output: the search needs a folder for search.json, the candidates and the plot")
     budget, measure = _budget(spec)
+    check_device(spec)
     load_passes(spec.plugins, spec.source_dir)
     started = time.perf_counter()
     out = Path(spec.output).resolve()

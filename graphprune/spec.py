@@ -118,7 +118,7 @@ class ImportanceSpec(_Strict):
     """Rank Mamba heads within their B/C group. false: rank globally and refill groups in rank order (naive baseline)."""
     split_candidates: int = Field(6, ge=1)
     """With targets.params: how many ways to spend the budget (hidden vs FFN vs Mamba heads, each at 50-100%,
-    within 90-100% of the budget, the one-common-factor split among them) are built and compared by LM loss on
+    within 85-100% of the budget, the one-common-factor split among them) are built and compared by LM loss on
     `split_samples` calibration sequences; the lowest wins. 1: the common factor alone, no comparison."""
     split_samples: int = Field(4, ge=1)
     """Calibration sequences (the last ones) on which the budget splits are compared."""

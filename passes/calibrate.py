@@ -25,13 +25,14 @@ def groups_by_method(ctx: PassContext, every_group: bool = False) -> dict[str, l
     """The shrunk groups (`every_group`: all of them), by the method that scores them."""
     by_method: dict[str, list[Group]] = {}
     sizes = plan_sizes(ctx.analysis, ctx.spec.targets).sizes
-    if ctx.spec.targets.params is not None:  # choose_split may spend the budget on any width axis: score them all
-        sizes.update({g.name: 0 for g in ctx.analysis.groups if g.kind in BUDGET_KINDS})
-    groups = [g for g in ctx.analysis.groups if g.kind != "layer"] if every_group else scored_groups(ctx.analysis, sizes)
-    for group in groups:
+    # a group that may still shrink is marked as shrunk (size 0): every group for a search, the width axes a
+    # params budget may spend (choose_split decides how) for apply
+    may_shrink = [g for g in ctx.analysis.groups if every_group or
+                  (ctx.spec.targets.params is not None and g.kind in BUDGET_KINDS)]
+    sizes.update({g.name: 0 for g in may_shrink})
+    for group in scored_groups(ctx.analysis, sizes):
         method = method_for(ctx.spec.importance, group)
-        # only Algorithm 1 scores a kept axis too
-        if every_group or method == "activation" or sizes[group.name] < group.size:
+        if method == "activation" or sizes[group.name] < group.size:  # only Algorithm 1 scores a kept axis too
             by_method.setdefault(method, []).append(group)
     return by_method
 

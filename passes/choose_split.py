@@ -12,7 +12,6 @@ import torch
 
 from graphprune.distill import heldout_loss
 from graphprune.pipeline import PassContext, PassResult, register_pass
-from graphprune.planning import count_params, plan_sizes
 from graphprune.search import budget_splits, build_in_memory
 from graphprune.spec import TargetsSpec
 
@@ -26,20 +25,18 @@ def choose_split(ctx: PassContext) -> PassResult:
     if targets.params is None:
         return PassResult(summary={"skipped": "no targets.params"})
     splits = budget_splits(ctx.analysis, targets, importance.split_candidates)
-    if len(splits) > 1:
+    if len(splits) > 1:  # the first is the common factor, the only one when nothing else fits
         batches = ensure_batches(ctx)
         samples = torch.cat(batches)[-importance.split_samples:]
-        losses = []
         with ctx.progress("choosing the budget split", len(splits)) as bar:
             for split in splits:
-                losses.append(heldout_loss(build_in_memory(ctx, split), samples, batches[0].shape[0]))
+                split.zero_shot_loss = round(heldout_loss(build_in_memory(ctx, split.targets), samples,
+                                                          batches[0].shape[0]), 5)
                 bar.advance(bar.task_ids[0])
-    else:
-        losses = [None]
-    best = min(range(len(splits)), key=lambda i: losses[i] if losses[i] is not None else 0.0)
-    ctx.targets = TargetsSpec(**splits[best])
-    rows = [{"targets": split, "params": count_params(ctx.analysis, plan_sizes(ctx.analysis, TargetsSpec(**split)).sizes),
-             "loss": None if loss is None else round(loss, 5)} for split, loss in zip(splits, losses)]
-    ctx.report["budget_split"] = {"candidates": rows, "chosen": splits[best], "common_factor": splits[0]}
-    return PassResult(changed=best != 0, summary={"candidates": len(splits), "chosen": splits[best],
-                                                  "loss": rows[best]["loss"], "common_factor_loss": rows[0]["loss"]})
+    best = min(splits, key=lambda split: split.zero_shot_loss or 0.0)
+    ctx.targets = TargetsSpec(**best.targets)
+    rows = [{"targets": s.targets, "params": s.params, "loss": s.zero_shot_loss} for s in splits]
+    ctx.report["budget_split"] = {"candidates": rows, "chosen": best.targets, "common_factor": splits[0].targets}
+    return PassResult(changed=best is not splits[0], summary={"candidates": len(splits), "chosen": best.targets,
+                                                              "loss": best.zero_shot_loss,
+                                                              "common_factor_loss": splits[0].zero_shot_loss})

@@ -154,10 +154,12 @@ def reconstruct(ctx: PassContext) -> PassResult:
     few = list(samples.split(batches[0].shape[0]))
     weights = dict(model.named_parameters())
     param_of = {name.rsplit(".", 1)[0]: name for name in found}
-    chunks = gram_chunks(list(param_of), {m: weights[p].shape[1] for m, p in param_of.items()}, spec.max_gram_bytes)
+    # one forward pass per chunk, its Grams freed after (norms alone: one pass with no Gram)
+    chunks = gram_chunks(list(param_of), {m: weights[p].shape[1] for m, p in param_of.items()},
+                         spec.max_gram_bytes) or [[]]
     errors, scales = {}, {}
-    with ctx.progress("reconstructing (input statistics)", len(samples) * max(len(chunks), 1)) as bar:
-        for index, chunk in enumerate(chunks or [[]]):  # one forward pass per chunk; its Grams freed after
+    with ctx.progress("reconstructing (input statistics)", len(samples) * len(chunks)) as bar:
+        for index, chunk in enumerate(chunks):
             grams, measured = input_statistics(model, chunk, norms if index == 0 else {}, few,
                                                lambda n: bar.advance(bar.task_ids[0], n))
             scales.update(measured)
@@ -172,7 +174,7 @@ def reconstruct(ctx: PassContext) -> PassResult:
     ctx.report["reconstruct"] = errors
     mean = {k: round(sum(e[k] for e in errors.values()) / max(len(errors), 1), 6) for k in ("before", "after")}
     return PassResult(changed=True, summary={"layers": len(errors), "relative_error_mean": mean, "samples": len(samples),
-                                             "norms_rescaled": len(scales), "passes_over_samples": max(len(chunks), 1)})
+                                             "norms_rescaled": len(scales), "passes_over_samples": len(chunks)})
 
 
 def _refit_into(ctx: PassContext, param: str, kept_list: list[int], weights: dict[str, torch.Tensor],

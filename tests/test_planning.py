@@ -200,10 +200,10 @@ def test_budget_splits_all_fit_and_the_split_is_chosen_by_loss(tmp_path):
     budget = int(analysis.params * 0.75)
     targets = parse_spec({"model": {"path": "x"}, "targets": {"params": budget}}).targets
     splits = budget_splits(analysis, targets, limit=6)
-    assert 1 < len(splits) <= 6 and len({json.dumps(s, sort_keys=True) for s in splits}) == len(splits)
+    assert 1 < len(splits) <= 6 and len({json.dumps(s.targets, sort_keys=True) for s in splits}) == len(splits)
     for split in splits:
-        sizes = plan_sizes(analysis, parse_spec({"model": {"path": "x"}, "targets": split}).targets).sizes
-        assert 0.85 * budget <= count_params(analysis, sizes) <= budget
+        sizes = plan_sizes(analysis, parse_spec({"model": {"path": "x"}, "targets": split.targets}).targets).sizes
+        assert 0.85 * budget <= count_params(analysis, sizes) == split.params <= budget
     report = apply(parse_spec({"model": {"path": str(folder)}, "targets": {"params": budget},
                                "calibration": {"data": {"path": str(DEMO / "corpus" / "train.txt.gz")},
                                                "num_samples": 8, "seq_len": 128},
