@@ -88,7 +88,7 @@ def test_reconstruct_refits_the_readers_of_the_residual_stream_but_not_a_tied_he
 def test_reconstruct_in_memory_bounded_chunks_equals_all_at_once(tmp_path):
     from safetensors.torch import load_file
 
-    from passes.reconstruct import gram_chunks
+    from graphprune.passes.reconstruct import gram_chunks
 
     folder = write_checkpoint(nemotron_h_config(), tmp_path / "model")
     text = write_text(tmp_path / "text.txt")

@@ -225,7 +225,7 @@ def test_a_checkpoint_is_written_with_the_usual_file_mode_and_no_leftovers(tmp_p
 
     from transformers import AutoModelForCausalLM
 
-    from export.hf import write_hf_checkpoint
+    from graphprune.export.hf import write_hf_checkpoint
 
     model = AutoModelForCausalLM.from_config(nemotron_h_config())
     out = tmp_path / "out"
