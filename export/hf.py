@@ -21,10 +21,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def config_extras(model: nn.Module) -> dict[str, Any]:
-    """The family's extra config keys for `model` (none for models without an adapter)."""
-    from graphprune.families import adapter_for
+    """The family's extra config keys for `model` (none for models without a written family)."""
+    from graphprune.families import written_family
 
-    family = adapter_for(model)
+    family = written_family(model)
     return family.export_extras(model.config) if family is not None else {}
 
 

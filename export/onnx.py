@@ -1,4 +1,6 @@
-"""ONNX export of Nemotron-H: a prefill graph and a decode graph with explicit state, and a runner.
+"""ONNX export of hybrid Mamba2 / attention / MLP models (every family with a stateful layout: Nemotron-H,
+Mamba2, dense GraniteMoeHybrid, Bamba, Llama / Qwen2 / Mistral): a prefill graph and a decode graph with
+explicit state, and a runner.
 
 ``prefill.onnx``: ``input_ids [batch, seq]`` -> ``logits [batch, seq, vocab]`` and ``present.<state>``
 for every state tensor of `stateful.state_specs` (any prompt length: the chunked scan pads inside
@@ -18,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .stateful import NemotronHDecode, NemotronHPrefill, state_specs
+from .stateful import StatefulDecode, StatefulPrefill, example_length, state_specs
 
 MANIFEST = "graphprune_onnx.json"
 PREFILL, DECODE = "prefill.onnx", "decode.onnx"
@@ -54,18 +56,18 @@ def _export_graphs(model: torch.nn.Module, out: Path) -> dict[str, Any]:
     batch, seq, past = _dims()
     vocab = model.config.vocab_size
     # Example sizes above 1 so that torch.export keeps the dimensions symbolic.
-    ids = torch.randint(0, vocab, (2, model.config.chunk_size + 3))
+    ids = torch.randint(0, vocab, (2, example_length(model)))
     with torch.no_grad():
-        _, *state = NemotronHPrefill(model)(ids)
+        _, *state = StatefulPrefill(model)(ids)
     # protobuf caps a file at 2 GB: larger models keep their weights in <graph>.onnx.data (each graph its own copy)
     external = sum(p.numel() for p in model.parameters()) * 4 > EXTERNAL_DATA_BYTES
-    _export(NemotronHPrefill(model), (ids,), out / PREFILL, ["input_ids"], ["logits"] + [f"present.{n}" for n in names],
+    _export(StatefulPrefill(model), (ids,), out / PREFILL, ["input_ids"], ["logits"] + [f"present.{n}" for n in names],
             {"input_ids": {0: batch, 1: seq}}, external)
-    _export(NemotronHDecode(model), (ids[:, :1], *state), out / DECODE,
+    _export(StatefulDecode(model), (ids[:, :1], *state), out / DECODE,
             ["input_ids"] + [f"past.{n}" for n in names], ["logits"] + [f"present.{n}" for n in names],
             {"input_ids": {0: batch}, "states": _state_shapes(model, batch, past)}, external)
     manifest = {
-        "format": "graphprune-onnx-nemotron-h/1",
+        "format": "graphprune-onnx-stateful/1",
         "model_type": model.config.model_type,
         "vocab_size": vocab,
         "opset": OPSET,

@@ -21,11 +21,12 @@ from typing import Any
 
 from torch import nn
 
+from graphprune.families.nemotron_h import KIND_OF_BLOCK, NEMOTRON_H, PATTERN_CHARACTERS as PATTERN_KINDS
+
 from .hf import config_extras, write_hf_checkpoint
 
 OPTIONS_FILE = "extra_llm_api_options.yaml"
 DATASET_FILE = "dataset.jsonl"
-PATTERN_KINDS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
 EXTRA_OPTIONS = """\
 # TensorRT-LLM LLM-API options for NemotronH (hybrid Mamba2): no block reuse for SSM state,
 # SSM state in float32 as the model was trained.
@@ -150,39 +151,7 @@ def tensor_parallel_problems(config: dict[str, Any], tp_size: int) -> list[str]:
 
 
 def _short_kinds(kinds: list[str]) -> list[str]:
-    names = {"linear_attention": "mamba", "full_attention": "attention"}
-    return [names.get(kind, kind) for kind in kinds]
-
-
-def expected_weights(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Every weight TensorRT-LLM's mapper reads, hub names (``backbone.*``), with its shape."""
-    hidden, vocab = config["hidden_size"], config["vocab_size"]
-    inner = config.get("mamba_num_heads", 0) * config.get("mamba_head_dim", 0)
-    heads, state, groups = config.get("mamba_num_heads", 0), config.get("ssm_state_size", 0), config.get("n_groups", 1)
-    conv_dim = inner + 2 * groups * state
-    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
-    q, kv = config.get("num_attention_heads", 0) * head_dim, config.get("num_key_value_heads", 0) * head_dim
-    shapes: dict[str, tuple[int, ...]] = {"backbone.embeddings.weight": (vocab, hidden), "backbone.norm_f.weight": (hidden,)}
-    if not config.get("tie_word_embeddings"):
-        shapes["lm_head.weight"] = (vocab, hidden)
-    for i, kind in enumerate(config["hybrid_override_pattern"]):
-        prefix = f"backbone.layers.{i}"
-        shapes[f"{prefix}.norm.weight"] = (hidden,)
-        mixer = f"{prefix}.mixer"
-        if kind == "M":
-            shapes |= {f"{mixer}.in_proj.weight": (inner + conv_dim + heads, hidden),
-                       f"{mixer}.conv1d.weight": (conv_dim, 1, config["conv_kernel"]),
-                       f"{mixer}.A_log": (heads,), f"{mixer}.D": (heads,), f"{mixer}.dt_bias": (heads,),
-                       f"{mixer}.norm.weight": (inner,), f"{mixer}.out_proj.weight": (hidden, inner)}
-            if config.get("use_conv_bias", True):
-                shapes[f"{mixer}.conv1d.bias"] = (conv_dim,)
-        elif kind == "*":
-            shapes |= {f"{mixer}.q_proj.weight": (q, hidden), f"{mixer}.k_proj.weight": (kv, hidden),
-                       f"{mixer}.v_proj.weight": (kv, hidden), f"{mixer}.o_proj.weight": (hidden, q)}
-        elif kind == "-":
-            shapes |= {f"{mixer}.up_proj.weight": (config["intermediate_size"], hidden),
-                       f"{mixer}.down_proj.weight": (hidden, config["intermediate_size"])}
-    return shapes
+    return [KIND_OF_BLOCK.get(kind, kind) for kind in kinds]
 
 
 def checkpoint_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
@@ -210,7 +179,7 @@ def check_checkpoint(folder: Path, tp_size: int = 1) -> list[str]:
     problems = config_problems(config, tp_size)
     if problems:
         return problems
-    have, want = checkpoint_shapes(folder), expected_weights(config)
+    have, want = checkpoint_shapes(folder), NEMOTRON_H.hub_weight_shapes(config)
     if not have:
         return [f"{folder}: no .safetensors weights"]
     problems += [f"missing weight {name} {list(shape)}" for name, shape in want.items() if name not in have]

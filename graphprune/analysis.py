@@ -122,10 +122,11 @@ class RuleContext:
         return str(self.node.target)
 
     def arg(self, index: int, default: Any = ...) -> Any:
-        return node_arg(self.node, index, default)
+        """A positional argument; sizes computed from a symbolic batch or sequence read as the example's."""
+        return _resolved(node_arg(self.node, index, default))
 
     def kwarg(self, name: str, default: Any = None) -> Any:
-        return self.node.kwargs.get(name, default)
+        return _resolved(self.node.kwargs.get(name, default))
 
     def tensor_args(self) -> list[Node]:
         found = [a for a in (*self.node.args, *self.node.kwargs.values()) if isinstance(a, Node)]
@@ -153,11 +154,11 @@ class RuleContext:
         return _shape(self.node)
 
     def out_shapes(self) -> list[tuple[int, ...]]:
-        return [tuple(t.shape) for t in self.node.meta["val"]]
+        return [tuple(size_hint(s) for s in t.shape) for t in self.node.meta["val"]]
 
     def out_shape_of(self, index: int) -> tuple[int, ...]:
         val = self.node.meta["val"]
-        return tuple((val[index] if isinstance(val, (tuple, list)) else val).shape)
+        return tuple(size_hint(s) for s in (val[index] if isinstance(val, (tuple, list)) else val).shape)
 
     def returns_tuple(self) -> bool:
         return isinstance(self.node.meta.get("val"), (tuple, list))
@@ -293,8 +294,34 @@ def node_arg(node: Node, index: int, default: Any = ...) -> Any:
 def _shape(node: Node) -> tuple[int, ...] | None:
     val = node.meta.get("val")
     if isinstance(val, torch.Tensor):
-        return tuple(int(s) for s in val.shape)
+        return tuple(size_hint(s) for s in val.shape)
     return None
+
+
+_SYMBOLIC = {torch.SymInt: int, torch.SymFloat: float, torch.SymBool: bool}
+
+
+def size_hint(value: Any) -> Any:
+    """A size as the example had it. A graph traced with a symbolic batch and sequence (the generic path,
+    see `trace.trace`) holds SymInts there; the analysis reads their example values without adding a
+    guard. Channel dimensions are static in such a graph too, so the axes found are the same; the rewrite
+    keeps the symbolic sizes (`oprules.rewrite_shape`). Anything else passes through."""
+    cast = _SYMBOLIC.get(type(value))
+    if cast is None:
+        return value
+    if value.node.hint is None:  # unbacked: computed from tensor data, not from input sizes
+        raise AnalysisError(f"a size computed from tensor data ({value}) has no example value to analyse with")
+    return cast(value.node.hint)
+
+
+def _resolved(value: Any) -> Any:
+    """An argument as a rule reads it: a node computing a size from symbolic dims becomes its example value."""
+    if isinstance(value, Node) and type(value.meta.get("val")) in _SYMBOLIC:
+        return size_hint(value.meta["val"])
+    if isinstance(value, (list, tuple)):
+        items = [_resolved(v) for v in value]
+        return items if isinstance(value, list) else tuple(items)
+    return value
 
 
 def _reshape_groups(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
@@ -371,7 +398,7 @@ def conv_sources(exported: ExportedProgram) -> list[ConvSource]:
             if (args[2] if len(args) > 2 else 0) % ndim == parent[1]:
                 starts = [0]
                 for piece in node.meta["val"][:-1]:
-                    starts.append(starts[-1] + piece.shape[parent[1]])
+                    starts.append(starts[-1] + size_hint(piece.shape[parent[1]]))
                 source[node] = [(parent[0], parent[1], parent[2] + s) for s in starts]
         elif node.target is operator.getitem and isinstance(parent, list):
             source[node] = parent[args[1]]

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .analysis import AxisGraph, ConvSource, conv_sources, propagate
-from .families import FamilyAdapter, adapter_for, apply_adapter
+from .families import DerivedFamily, Family, family_for
 from .groups import Group, Layer, Structure, build_structure
 from .trace import load_model, trace
 
@@ -26,7 +26,7 @@ class Analysis:
     exported: torch.export.ExportedProgram
     axis_graph: AxisGraph
     structure: Structure
-    family: FamilyAdapter | None
+    family: Family | None
     params: int
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -67,6 +67,7 @@ class Analysis:
         return {
             "model": type(self.model).__name__,
             "family": self.family.name if self.family else None,
+            "config_keys": self.family.describe() if self.family else None,
             "params": self.params,
             "layers": [{"index": l.index, "kind": l.kind, "module": l.module, "params": l.params} for l in self.layers],
             "groups": [g.to_dict(with_slices) for g in self.groups],
@@ -101,9 +102,10 @@ def analyze(
     start = time.perf_counter()
     progress("analysing channel axes")
     axis_graph = propagate(exported)
-    adapter = adapter_for(model)
-    layer_kinds = adapter.layer_kinds(model.config) if adapter else None
-    structure = build_structure(axis_graph, model, layer_kinds)
-    family = apply_adapter(structure, model)
+    family = family_for(model)
+    structure = build_structure(axis_graph, model, family.layer_kinds(model.config) if family else None)
+    if family is not None:
+        progress("deriving the family's config keys" if isinstance(family, DerivedFamily) else "checking the family")
+        family = family.bind(structure, model)
     timings["analyze"] = time.perf_counter() - start
     return Analysis(model, exported, axis_graph, structure, family, unique_params(model), timings)

@@ -103,7 +103,7 @@ def preflight(ctx: PassContext) -> None:
     _check_something_is_pruned(spec, analysis, plan.sizes)
     check_removal_scores(spec, analysis, plan.sizes)
     if analysis.family is None and spec.targets.num_layers is not None:
-        raise PlanError("targets.num_layers: depth pruning needs a family adapter (Nemotron-H, Mamba2, Llama); "
+        raise PlanError("targets.num_layers: depth pruning needs a Hugging Face model (its config lists the layers); "
                         "the generic graph path prunes widths only")
     if analysis.family is not None:
         pruned_config(analysis, plan.sizes)  # the family's own config class must accept the plan
@@ -160,7 +160,7 @@ def config_summary(analysis: Analysis, config: Any | None, sizes: dict[str, int]
     """The family's config keys, or (generic models) the size of every group."""
     if analysis.family is None or config is None:
         return {name: size for name, size in sizes.items()}
-    keys = sorted({g.config_key for g in analysis.groups if g.config_key} | {"num_key_value_heads", "num_hidden_layers"})
+    keys = analysis.family.summary_keys(analysis.structure)
     return {k: getattr(config, k) for k in keys if hasattr(config, k)}
 
 

@@ -94,7 +94,7 @@ def bench(models: list[str], settings: BenchSettings, progress: Callable[[str], 
         if not Path(model).is_dir() and not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", model):  # neither folder nor hub id
             raise BenchError(f"{model}: no such model folder")
     if settings.engine == "torch" and settings.runner == "auto":  # one runner for all, so ratios compare models
-        runner = "stateful" if any(_attention_free_nemotron_h(_config(m)) for m in models) else "transformers"
+        runner = "stateful" if any(_cache_fails(_config(m)) for m in models) else "transformers"
         settings = replace(settings, runner=runner)
     names = labels or list(models)  # before an ONNX export replaces the paths
     _remove_dead_scratch()
@@ -265,7 +265,7 @@ def _torch_engine(path: str, settings: BenchSettings):
     cuda = settings.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
-    if settings.runner == "stateful" or (settings.runner == "auto" and _attention_free_nemotron_h(model.config)):
+    if settings.runner == "stateful" or (settings.runner == "auto" and _cache_fails(model.config, model)):
         prefill, decode = _stateful_steps(model, ids, settings)
     else:
         prefill, decode = _transformers_steps(model, ids, settings)
@@ -281,10 +281,20 @@ def _config(path: str):
     return AutoConfig.from_pretrained(path)
 
 
-def _attention_free_nemotron_h(config) -> bool:
-    """transformers' cache cannot serve a Nemotron-H without attention layers (it asks them for the length)."""
-    kinds = getattr(config, "layers_block_type", None) or []
-    return config.model_type == "nemotron_h" and "full_attention" not in kinds and "attention" not in kinds
+def _cache_fails(config, model=None) -> bool:
+    """Whether the model's family says transformers' own cache cannot serve it (then decode runs stateful).
+
+    Without a loaded model the family is asked of the architecture built on the meta device (no weights)."""
+    from .families import family_for
+
+    if model is None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    family = family_for(model)
+    return family is not None and family.transformers_cache_fails(config)
 
 
 def _transformers_steps(model, ids, settings: BenchSettings):
@@ -310,12 +320,12 @@ def _transformers_steps(model, ids, settings: BenchSettings):
 
 
 def _stateful_steps(model, ids, settings: BenchSettings):
-    """Prefill and decode through graphprune's explicit-state Nemotron-H (export/stateful.py)."""
+    """Prefill and decode through graphprune's explicit-state runner (export/stateful.py)."""
     import torch
 
-    from .export.stateful import NemotronHDecode, NemotronHPrefill
+    from .export.stateful import StatefulDecode, StatefulPrefill
 
-    prefill_module, decode_module = NemotronHPrefill(model).eval(), NemotronHDecode(model).eval()
+    prefill_module, decode_module = StatefulPrefill(model).eval(), StatefulDecode(model).eval()
 
     @torch.no_grad()
     def prefill():

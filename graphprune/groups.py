@@ -102,6 +102,19 @@ class Structure:
     param_slices: dict[str, dict[int, list[ParamSlice]]] = field(default_factory=dict)
 
 
+def kept_size(layout: tuple, sizes: dict[str, int], group_sizes: dict[str, int]) -> int:
+    """Length of a slice with `layout` once each group in `sizes` keeps that many of its `group_sizes` units."""
+    product = 1
+    for factor in layout:
+        if isinstance(factor, LayoutConcat):
+            product *= sum(kept_size(part, sizes, group_sizes) for part in factor.parts)
+        elif factor.name in sizes and factor.name in group_sizes:
+            product *= sizes[factor.name] * factor.size // group_sizes[factor.name]
+        else:
+            product *= factor.size
+    return product
+
+
 @dataclass
 class _Roles:
     """Per finest atom: where it sits in parameters and what the graph did with it."""

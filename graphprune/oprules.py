@@ -290,11 +290,14 @@ def split(ctx: RuleContext) -> list[Axes]:
 
 @register("aten.unbind")
 def unbind(ctx: RuleContext) -> list[Axes]:
-    axes = ctx.axes(ctx.arg(0))
+    """select() of every index: a fused projection viewed as [.., 3, H, D] and unbound into q, k, v
+    keeps its 3 fixed, and q, k and v share the H and D axes (their heads are coupled anyway)."""
+    axes, size = ctx.axes(ctx.arg(0)), ctx.shape(ctx.arg(0))
     d = _dim(ctx.arg(1, default=0), len(axes))
     if axes[d] is not None:
-        raise ctx.error("unbind over a channel axis", axes[d])
-    return [axes[:d] + axes[d + 1:]] * ctx.shape(ctx.arg(0))[d]
+        for index in range(size[d]):
+            ctx.tag(ctx.take(axes[d], index, index + 1), "selected")
+    return [axes[:d] + axes[d + 1:]] * size[d]
 
 
 @register("getitem")
@@ -511,7 +514,24 @@ def rewrite_for(target: Any) -> Callable | None:
 
 @register_rewrite("aten.view", "aten._unsafe_view", "aten.reshape", "aten.expand")
 def rewrite_shape(ctx) -> tuple:
-    shape = [size if size == -1 or expr is None else ctx.kept(expr) for size, expr in zip(ctx.arg(1), ctx.out_axes())]
+    """Channel entries take their kept sizes. -1 and entries without channels stay as they are, among them
+    the symbolic batch and sequence sizes of a dynamic trace (graph nodes: `sym_size` and arithmetic on
+    it), so the rewritten graph still runs at any batch and length. A view entry that is symbolic and holds
+    channels too (sequence x channels merged) becomes -1: the view infers it."""
+    shape = []
+    for size, expr in zip(ctx.arg(1), ctx.out_axes()):
+        symbolic = isinstance(size, torch.fx.Node)
+        if expr is None or size == -1 or (symbolic and "expand" in str(ctx.node.target)):
+            shape.append(size)  # an expand to a symbolic size broadcasts a size-1 dim: nothing to shrink
+        elif symbolic:
+            shape.append(-1)
+        else:
+            shape.append(ctx.kept(expr))
+    if sum(1 for size in shape if size == -1) > 1 and "expand" not in str(ctx.node.target):
+        from .analysis import AnalysisError
+
+        raise AnalysisError(f"{ctx.node.name} ({ctx.node.target}): a view merges symbolic sizes with pruned "
+                            "channels in more than one dimension; the pruned graph cannot infer its shape")
     return (ctx.arg(0), shape, *ctx.node.args[2:])
 
 

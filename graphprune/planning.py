@@ -7,13 +7,14 @@ parts never change, and a family whose checkpoint has one size per layer kind ge
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from .api import Analysis
 from .errors import UserError
-from .groups import Group, LayoutConcat
+from .groups import Group, kept_size
 from .spec import TargetsSpec
 
 
@@ -89,30 +90,17 @@ def _check_size(where: str, group: Group, value: int) -> int:
 
 def count_params(analysis: Analysis, sizes: dict[str, int], dropped_layers: list[int] | tuple = ()) -> int:
     """Parameters of the pruned model, from the slice layouts alone (works on meta)."""
-    group_sizes = {g.name: g.size for g in analysis.groups}
     dropped = tuple(f"{analysis.layers[i].module}." for i in dropped_layers)
-    total = 0
-    for name, param in analysis.model.named_parameters():
-        if name.startswith(dropped):
-            continue
-        dims = analysis.structure.param_slices.get(analysis.slice_name(name), {})
-        numel = 1
-        for d, size in enumerate(param.shape):
-            numel *= sum(_kept_size(s.layout, sizes, group_sizes) for s in dims[d]) if d in dims else size
-        total += numel
-    return total
+    return sum(math.prod(pruned_shape(analysis, name, param.shape, sizes))
+               for name, param in analysis.model.named_parameters() if not name.startswith(dropped))
 
 
-def _kept_size(layout: tuple, sizes: dict[str, int], group_sizes: dict[str, int]) -> int:
-    product = 1
-    for factor in layout:
-        if isinstance(factor, LayoutConcat):
-            product *= sum(_kept_size(part, sizes, group_sizes) for part in factor.parts)
-        elif factor.name in sizes and factor.name in group_sizes:
-            product *= sizes[factor.name] * factor.size // group_sizes[factor.name]
-        else:
-            product *= factor.size
-    return product
+def pruned_shape(analysis: Analysis, name: str, shape: tuple[int, ...], sizes: dict[str, int]) -> tuple[int, ...]:
+    """The shape of parameter or buffer `name` (of `shape`) once every group keeps `sizes` units."""
+    group_sizes = {g.name: g.size for g in analysis.groups}
+    dims = analysis.structure.param_slices.get(analysis.slice_name(name), {})
+    return tuple(sum(kept_size(s.layout, sizes, group_sizes) for s in dims[d]) if d in dims else size
+                 for d, size in enumerate(shape))
 
 
 BUDGET_KINDS = ("hidden", "ffn", "mamba_heads")
@@ -123,7 +111,7 @@ def pruned_config(analysis: Analysis, sizes: dict[str, int], dropped_layers: lis
     them, which is all of them once drop_layers ran). Raises FamilyMismatch when the family's class refuses it."""
     kept = [i for i in range(len(analysis.layers)) if i not in set(dropped_layers)]
     kept = kept[: sizes.get("layers", len(kept))]
-    return analysis.family.pruned_config(analysis.model.config, config_values(analysis, sizes), kept)
+    return analysis.family.pruned_config(analysis.model.config, kind_sizes(analysis, sizes), kept)
 
 
 def valid_sizes(analysis: Analysis, sizes: dict[str, int]) -> bool:
@@ -214,10 +202,10 @@ def drop_lowest(scores: torch.Tensor, keep: int) -> list[int]:
     return sorted(order[: len(scores) - keep].tolist())
 
 
-def config_values(analysis: Analysis, sizes: dict[str, int]) -> dict[str, int]:
-    """Family config keys -> values of the shrunk groups (one size per kind, as plan_sizes ensures)."""
-    values: dict[str, int] = {}
+def kind_sizes(analysis: Analysis, sizes: dict[str, int]) -> dict[str, int]:
+    """The new size of each shrunk group kind (one size per kind, as plan_sizes ensures for families)."""
+    shrunk: dict[str, int] = {}
     for group in analysis.groups:
-        if group.config_key and group.kind != "layer" and sizes[group.name] < group.size:
-            values.setdefault(group.config_key, sizes[group.name])
-    return values
+        if group.kind not in ("layer", "other") and sizes[group.name] < group.size:
+            shrunk.setdefault(group.kind, sizes[group.name])
+    return shrunk

@@ -3,7 +3,9 @@
 The exported program is unlifted into a GraphModule, its parameters and buffers are replaced by
 the sliced ones, and every op whose constant arguments carry channel sizes (view shapes, split
 sizes, slice bounds, conv groups, ...) is rewritten by its rewrite rule in `oprules.py`, from the
-axes the analysis recorded for that node.
+axes the analysis recorded for that node. The generic path traces with a symbolic batch and sequence
+(`trace.trace`): those sizes are graph nodes (`sym_size` and arithmetic on it), not constants, and the
+rules leave them, so the rewritten graph runs at any batch size and length.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from .analysis import node_arg
+from .analysis import node_arg, size_hint
 from .api import Analysis
 from .axes import Broadcast, Concat, Expr
 from .oprules import rewrite_for
@@ -38,7 +40,7 @@ class RewriteContext:
         return axes if axes is not None else (None,) * len(self.in_shape(node))
 
     def in_shape(self, node: fx.Node) -> tuple[int, ...]:
-        return tuple(node.meta["val"].shape)
+        return tuple(size_hint(s) for s in node.meta["val"].shape)
 
     def kept(self, expr: Expr) -> int:
         return sum(self._segment(seg) for seg in self.store.normalize(expr))

@@ -192,7 +192,7 @@ def _config(analysis: Analysis, sizes: dict[str, int], dropped: list[int]) -> di
     for group in analysis.groups:  # one size per kind: the first group of a key speaks for all
         if group.config_key and group.kind != "layer":
             config.setdefault(group.config_key, sizes[group.name])
-    config["num_hidden_layers"] = len(analysis.layers) - len(dropped)
+    config[analysis.family.layer_count_key()] = len(analysis.layers) - len(dropped)
     return config
 
 
@@ -206,23 +206,12 @@ def _spread(candidates: list[Candidate], limit: int) -> list[Candidate]:
 
 
 def memory_bytes(analysis: Analysis, candidate: Candidate, dropped: list[int], spec: Spec) -> int:
-    """Weights plus inference state (KV cache; SSM and conv state) at the search's batch x sequence length."""
+    """Weights plus inference state (KV cache; SSM and conv state) at the search's batch x sequence length;
+    the state is the family's memory model."""
     dtype_bytes = torch.finfo(next(analysis.model.parameters()).dtype).bits // 8
-    config, sizes = analysis.model.config, candidate.config
-    kinds = [k for i, k in enumerate(analysis.family.layer_kinds(config)) if i not in set(dropped)]
-    per_sequence = 0
-    for kind in kinds:
-        if kind == "mamba":  # Nemotron-H names first, then Mamba2's
-            heads = sizes.get("mamba_num_heads") or sizes.get("num_heads") or config.num_heads
-            head_dim = sizes.get("mamba_head_dim") or getattr(config, "mamba_head_dim", None) or config.head_dim
-            state = getattr(config, "ssm_state_size", None) or config.state_size
-            conv_channels = heads * head_dim + 2 * config.n_groups * state
-            per_sequence += 4 * heads * head_dim * state + dtype_bytes * conv_channels * config.conv_kernel
-        elif "attention" in kind:
-            heads = sizes.get("num_attention_heads") or config.num_attention_heads
-            head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-            kv_heads = getattr(config, "num_key_value_heads", None) or heads
-            per_sequence += 2 * kv_heads * head_dim * spec.search.memory_seq_len * dtype_bytes
+    sizes = plan_sizes(analysis, TargetsSpec(**candidate.targets)).sizes
+    per_sequence = analysis.family.inference_state_bytes(analysis, sizes, dropped, spec.search.memory_seq_len,
+                                                         dtype_bytes)
     return candidate.params * dtype_bytes + spec.search.memory_batch * per_sequence
 
 
@@ -318,7 +307,7 @@ def plan_search(spec: Spec) -> dict[str, Any]:
     budget, measure = _budget(spec)
     analysis = analyze(spec.model.path, meta=True, trust_remote_code=spec.model.trust_remote_code)
     if analysis.family is None:
-        raise SearchError("search: needs a Hugging Face family model (Nemotron-H, Mamba2, Llama)")
+        raise SearchError("search: needs a Hugging Face model (the generic graph output cannot be trained or measured)")
     last_dropped_first = torch.arange(len(analysis.layers), 0, -1, dtype=torch.float)
     candidates, enumerated, within_budget = enumerate_candidates(analysis, spec, last_dropped_first)
     return {"dry_run": True, "budget": {"measure": measure, "value": budget}, "enumerated": enumerated,
@@ -356,7 +345,7 @@ def _search_in(out: Path, spec: Spec, budget: int, measure: str, started: float,
 
     analysis = analyze(spec.model.path, trust_remote_code=spec.model.trust_remote_code)
     if analysis.family is None:
-        raise SearchError("search: needs a Hugging Face family model (Nemotron-H, Mamba2, Llama)")
+        raise SearchError("search: needs a Hugging Face model (the generic graph output cannot be trained or measured)")
     _to_runtime(analysis, spec)
     out.mkdir(parents=True, exist_ok=True)
     remove_scratch(out)

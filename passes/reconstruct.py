@@ -19,7 +19,7 @@ from graphprune.rewrite import rewrite_graph
 from graphprune.spec import ReconstructSpec
 
 from .calibrate import ensure_batches
-from .prune import kept_indices
+from .prune import graph_tensors, kept_indices
 
 
 def consumers(ctx: PassContext) -> dict[str, list[int]]:
@@ -170,7 +170,7 @@ def reconstruct(ctx: PassContext) -> PassResult:
         name = f"{norm}.weight"
         ctx.state_dict[name] = (ctx.state_dict[name].double() * scale).to(ctx.state_dict[name].dtype).contiguous()
     if ctx.analysis.family is None:  # the generic pruned model is the rewritten graph: rebuild it with the refit
-        ctx.pruned_model = rewrite_graph(ctx.analysis, ctx.plan, ctx.state_dict)
+        ctx.pruned_model = rewrite_graph(ctx.analysis, ctx.plan, graph_tensors(ctx, ctx.state_dict))
     ctx.report["reconstruct"] = errors
     mean = {k: round(sum(e[k] for e in errors.values()) / max(len(errors), 1), 6) for k in ("before", "after")}
     return PassResult(changed=True, summary={"layers": len(errors), "relative_error_mean": mean, "samples": len(samples),

@@ -30,6 +30,27 @@ def tiny_llama(seed: int = 0):
     return _randomized(LlamaForCausalLM(config))
 
 
+def tiny_qwen2(window: int | None = None, seed: int = 0):
+    """Qwen2 (q/k/v biases); with `window`, layer 1 of 2 uses sliding-window attention (max_window_layers=1)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    sliding = {"use_sliding_window": True, "sliding_window": window, "max_window_layers": 1} if window else {}
+    config = Qwen2Config(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                         num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=False, **sliding)
+    return _randomized(Qwen2ForCausalLM(config))
+
+
+def tiny_mistral(window: int | None = None, seed: int = 0):
+    """Mistral: `sliding_window` applies to every layer (None: full causal attention)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(seed)
+    config = MistralConfig(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                           num_attention_heads=6, num_key_value_heads=2, head_dim=8, sliding_window=window)
+    return _randomized(MistralForCausalLM(config))
+
+
 def tiny_mamba2(seed: int = 0):
     from transformers import Mamba2Config, Mamba2ForCausalLM
 
@@ -37,6 +58,36 @@ def tiny_mamba2(seed: int = 0):
     config = Mamba2Config(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_heads=8, head_dim=8, n_groups=2,
                           state_size=8, expand=2, chunk_size=16, tie_word_embeddings=False)
     return _randomized(Mamba2ForCausalLM(config))
+
+
+def tiny_granite_hybrid(layer_types=("mamba", "attention", "mamba"), experts: int = 0, rope: bool = False,
+                        seed: int = 0):
+    """GraniteMoeHybrid (Granite 4.0-H): dense shared MLP when `experts` is 0; multipliers away from 1 so
+    that a runner forgetting one shows."""
+    from transformers import GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM
+
+    torch.manual_seed(seed)
+    config = GraniteMoeHybridConfig(
+        vocab_size=96, hidden_size=48, num_hidden_layers=len(layer_types), layer_types=list(layer_types),
+        num_attention_heads=4, num_key_value_heads=2, shared_intermediate_size=40, intermediate_size=40,
+        num_local_experts=experts, num_experts_per_tok=min(2, experts) if experts else 2,
+        position_embedding_type="rope" if rope else None, mamba_n_heads=8, mamba_n_groups=2, mamba_d_state=8,
+        mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=16, embedding_multiplier=2.0, residual_multiplier=0.7,
+        logits_scaling=0.5, attention_multiplier=0.2, tie_word_embeddings=False,
+    )
+    return _randomized(GraniteMoeHybridForCausalLM(config))
+
+
+def tiny_bamba(seed: int = 0):
+    """Bamba: Mamba2 and attention (with RoPE) mixers, each followed by a dense MLP."""
+    from transformers import BambaConfig, BambaForCausalLM
+
+    torch.manual_seed(seed)
+    config = BambaConfig(vocab_size=96, hidden_size=48, intermediate_size=40, num_hidden_layers=3,
+                         attn_layer_indices=[1], num_attention_heads=4, num_key_value_heads=2, mamba_n_heads=8,
+                         mamba_n_groups=2, mamba_d_state=8, mamba_d_head=12, mamba_expand=2, mamba_chunk_size=16,
+                         tie_word_embeddings=False)
+    return _randomized(BambaForCausalLM(config))
 
 
 def _randomized(model: nn.Module) -> nn.Module:
@@ -50,13 +101,21 @@ def _randomized(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
+def mean_square(x: torch.Tensor, over: int | None) -> torch.Tensor:
+    """Mean of squares over the last dim. `over` is for masked references (tests): the sum over `over`
+    channels, the kept ones, as the masked ones are zero: what the pruned model's norm computes."""
+    squares = x.pow(2)
+    return squares.mean(-1, keepdim=True) if over is None else squares.sum(-1, keepdim=True) / over
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
+        self.mean_over: int | None = None  # see mean_square
 
     def forward(self, x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * self.weight
+        return x * torch.rsqrt(mean_square(x, self.mean_over) + 1e-5) * self.weight
 
 
 class HandMamba2(nn.Module):
@@ -73,6 +132,7 @@ class HandMamba2(nn.Module):
         self.dt_bias = nn.Parameter(torch.zeros(heads))
         self.norm_weight = nn.Parameter(torch.ones(inner))
         self.out_proj = nn.Linear(inner, d, bias=False)
+        self.mean_over: int | None = None  # of the grouped norm, see mean_square
 
     def forward(self, u):
         b, l, _ = u.shape
@@ -92,7 +152,7 @@ class HandMamba2(nn.Module):
         y = torch.einsum("btsh,bshp->bthp", scores, x * dt.unsqueeze(-1)) + x * self.D.unsqueeze(-1)
         y = y.reshape(b, l, h * p) * F.silu(z)
         grouped = y.view(b, l, g, h * p // g)
-        grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + 1e-5)
+        grouped = grouped * torch.rsqrt(mean_square(grouped, self.mean_over) + 1e-5)
         return self.out_proj(grouped.view(b, l, h * p) * self.norm_weight)
 
 

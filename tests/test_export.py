@@ -12,10 +12,12 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from checkpoints import llama_config, nemotron_h_config, write_checkpoint, write_text
+from models import (_randomized, tiny_bamba, tiny_granite_hybrid, tiny_llama, tiny_mamba2, tiny_mistral,
+                    tiny_nemotron_h, tiny_qwen2)
 from graphprune.apply import apply
 from graphprune.export import ExportError, export_model, export_path
 from graphprune.export.onnx import OnnxGenerator
-from graphprune.export.stateful import NemotronHDecode, NemotronHPrefill, greedy_generate, state_specs
+from graphprune.export.stateful import StatefulDecode, StatefulPrefill, greedy_generate, state_specs
 from graphprune.export.trtllm import DATASET_FILE, OPTIONS_FILE, check_checkpoint, config_problems
 from graphprune.spec import parse_spec
 
@@ -52,9 +54,9 @@ def test_prefill_then_decode_reproduces_the_full_forward(nemotron):
     ids = tokens(2, 45)  # crosses two Mamba chunks (16) with a remainder
     reference = full_logits(nemotron, ids)
     with torch.no_grad():
-        logits, *state = NemotronHPrefill(nemotron)(ids[:, :37])
+        logits, *state = StatefulPrefill(nemotron)(ids[:, :37])
         assert torch.allclose(logits, reference[:, :37], atol=1e-5)
-        decode = NemotronHDecode(nemotron)
+        decode = StatefulDecode(nemotron)
         for t in range(37, 45):
             logits, *state = decode(ids[:, t:t + 1], *state)
             assert torch.allclose(logits[:, 0], reference[:, t], atol=1e-5), t
@@ -78,10 +80,103 @@ def test_onnx_prefill_and_decode_match_pytorch(nemotron, onnx_folder):
     assert np.array_equal(generator.generate(ids[:, :6].numpy(), 5), greedy_generate(nemotron, ids[:, :6], 5).numpy())
 
 
-def test_onnx_refuses_a_family_without_a_stateful_graph(workspace):
-    llama = AutoModelForCausalLM.from_pretrained(workspace["llama"])
-    with pytest.raises(ExportError, match="onnx: .*nemotron_h.*'llama'"):
-        export_model(llama, "onnx", workspace["root"] / "onnx-llama")
+def test_onnx_refuses_a_family_without_a_stateful_graph(tmp_path):
+    from transformers import Phi3Config, Phi3ForCausalLM  # not a written family; its fused qkv_proj has no layout
+
+    phi3 = _randomized(Phi3ForCausalLM(Phi3Config(
+        vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)))
+    with pytest.raises(ExportError, match="onnx: .*'phi3'.*nemotron_h, mamba2, llama, qwen2, mistral, "
+                                          "granitemoehybrid, bamba"):
+        export_model(phi3, "onnx", tmp_path / "onnx-phi3")
+
+
+# Every family the stateful driver serves besides Nemotron-H: Mamba2 alone, Bamba (RoPE), Granite 4.0-H with
+# dense MLPs and RoPE (decode positions come from the key cache's length; its default has no RoPE), Llama, and
+# Mistral with a sliding window (7) shorter than the prompt (33) and the sequence (40): masked in both graphs.
+STATEFUL_MODELS = {
+    "mamba2": lambda: tiny_mamba2(),
+    "bamba": lambda: tiny_bamba(),
+    "granite-rope": lambda: tiny_granite_hybrid(("attention", "mamba", "mamba", "attention"), rope=True),
+    "llama": lambda: tiny_llama(),
+    "mistral-window": lambda: tiny_mistral(window=7),
+}
+
+
+@pytest.mark.parametrize("name", list(STATEFUL_MODELS))
+def test_stateful_and_onnx_serve_every_family_with_a_layout(name, tmp_path):
+    model = STATEFUL_MODELS[name]()
+    ids = torch.randint(0, 96, (3, 40), generator=torch.Generator().manual_seed(1))
+    reference = full_logits(model, ids)
+    with torch.no_grad():  # the PyTorch driver first: prefill past a chunk (16) with a remainder, then decode
+        logits, *state = StatefulPrefill(model)(ids[:, :33])
+        assert torch.allclose(logits, reference[:, :33], atol=1e-5)
+        decode = StatefulDecode(model)
+        for t in range(33, 40):
+            logits, *state = decode(ids[:, t:t + 1], *state)
+            assert torch.allclose(logits[:, 0], reference[:, t], atol=1e-5), t
+    specs = state_specs(model)
+    assert len(state) == len(specs) and all(s.dtype == torch.float32 for s in state)
+    for spec, tensor in zip(specs, state):  # the manifest's shapes, with batch 3 and 40 tokens seen
+        assert tensor.shape == tuple({"batch": 3, "past": 40}.get(d, d) for d in spec.shape), spec.name
+    generator = OnnxGenerator(export_model(model, "onnx", tmp_path / name)["folder"])
+    assert [s["name"] for s in generator.manifest["states"]] == [s.name for s in specs]
+    reference = reference.numpy()
+    logits, state = generator.prefill(ids[:, :33].numpy())
+    worst = np.abs(logits - reference[:, :33]).max()
+    for t in range(33, 40):
+        logits, state = generator.decode(ids[:, t:t + 1].numpy(), state)
+        worst = max(worst, np.abs(logits[:, 0] - reference[:, t]).max())
+    short = generator.prefill(ids[:1, :3].numpy())[0]  # batch and length differ from the traced example
+    worst = max(worst, np.abs(short - reference[:1, :3]).max())
+    print(f"{name}: ONNX max |dlogit| {worst:.2e}")
+    assert worst < ONNX_TOLERANCE
+
+
+def test_stateful_llama_family_windows_and_biases():
+    """Qwen2 (q/k/v biases) with and without a sliding layer, Mistral without a window: prefill + decode reproduce
+    the full forward, each layer with the window its forward applies (a runner ignoring it would not)."""
+    ids = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(2))
+    cases = [(tiny_qwen2(), [None, None]), (tiny_qwen2(window=5), [None, 5]), (tiny_mistral(), [None, None]),
+             (tiny_mistral(window=4096), [4096, 4096])]  # Mistral's default window, longer than any test sequence
+    for model, windows in cases:
+        reference = full_logits(model, ids)
+        prefill = StatefulPrefill(model)
+        assert [sub.window for layer in prefill.layout.layers for sub in layer if sub.kind == "attention"] == windows
+        with torch.no_grad():
+            logits, *state = prefill(ids[:, :17])
+            assert torch.allclose(logits, reference[:, :17], atol=1e-5), model.config.model_type
+            decode = StatefulDecode(model)
+            for t in range(17, 24):
+                logits, *state = decode(ids[:, t:t + 1], *state)
+                assert torch.allclose(logits[:, 0], reference[:, t], atol=1e-5), (model.config.model_type, t)
+    unwindowed = tiny_qwen2(window=5)
+    unwindowed.model.layers[1].self_attn.sliding_window = None
+    with torch.no_grad():
+        assert not torch.allclose(StatefulPrefill(unwindowed)(ids)[0], full_logits(tiny_qwen2(window=5), ids),
+                                  atol=1e-3)
+    dynamic = tiny_llama()
+    dynamic.model.rotary_emb.rope_type = "dynamic"
+    with pytest.raises(ValueError, match="rope_type 'dynamic'"):
+        state_specs(dynamic)
+
+
+def test_stateful_export_names_the_layer_kind_it_cannot_carry(tmp_path):
+    moe_granite = tiny_granite_hybrid(("mamba", "attention"), experts=4)
+    with pytest.raises(ExportError, match=r"onnx: .*layer kind 'moe' \(layers 0, 1\) is not supported"):
+        export_model(moe_granite, "onnx", tmp_path / "granite-moe")
+    with pytest.raises(ValueError, match=r"layer kind 'moe' \(layers 2\) is not supported; supported layer kinds: "
+                                         r"mamba, attention, mlp"):
+        StatefulPrefill(tiny_nemotron_h("M-E*"))
+    assert [s.name for s in state_specs(tiny_granite_hybrid(("attention", "mamba")))] == [
+        "key.0", "value.0", "conv.1", "ssm.1"]
+
+
+def test_bench_asks_the_family_whether_transformers_cache_serves_the_model():
+    from graphprune.bench import _cache_fails
+
+    assert _cache_fails(nemotron_h_config("M-M-")) and not _cache_fails(nemotron_h_config("M*-"))
+    assert not _cache_fails(tiny_mamba2().config) and not _cache_fails(tiny_granite_hybrid().config)
 
 
 def test_hf_export_reloads_with_the_runtime_keys_and_hub_layout(workspace, nemotron):

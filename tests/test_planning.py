@@ -45,8 +45,8 @@ def test_paper_8b_to_4b_plan_on_meta_matches_transformers_count():
     assert (config["mamba_head_dim"], config["num_hidden_layers"]) == (64, 52)
     analysis = analyze("specs/models/nemotron-h-8b.json")
     plan = plan_sizes(analysis, spec.targets)
-    from graphprune.planning import config_values
-    pruned = analysis.family.pruned_config(analysis.model.config, config_values(analysis, plan.sizes), list(range(52)))
+    from graphprune.planning import kind_sizes
+    pruned = analysis.family.pruned_config(analysis.model.config, kind_sizes(analysis, plan.sizes), list(range(52)))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(pruned)
     assert model.num_parameters() == count_params(analysis, plan.sizes) == 4_489_223_040
@@ -143,7 +143,7 @@ def smollm_like_config(folder):
 @pytest.mark.parametrize("family", ["llama", "nemotron_h", "mamba2"])
 @pytest.mark.parametrize("fraction", [0.9, 0.8, 0.6, 0.45])
 def test_budget_yields_configs_the_family_validates_within_the_budget(tmp_path, family, fraction):
-    from graphprune.planning import config_values
+    from graphprune.planning import kind_sizes
 
     if family == "llama":
         source = smollm_like_config(tmp_path / "llama")
@@ -159,7 +159,7 @@ def test_budget_yields_configs_the_family_validates_within_the_budget(tmp_path, 
         assert "below the smallest valid model" in str(err) and fraction <= 0.6
         return
     assert count_params(analysis, plan.sizes) <= budget
-    config = analysis.family.pruned_config(analysis.model.config, config_values(analysis, plan.sizes),
+    config = analysis.family.pruned_config(analysis.model.config, kind_sizes(analysis, plan.sizes),
                                            list(range(len(analysis.layers))))
     rebuilt = type(config).from_dict(config.to_dict())   # the family's own validation, as from_pretrained runs it
     with torch.device("meta"):

@@ -11,7 +11,7 @@ import graphprune.search as search
 from checkpoints import nemotron_h_config, write_checkpoint, write_text
 from graphprune import analyze
 from graphprune.pipeline import PassContext
-from graphprune.planning import plan_sizes
+from graphprune.planning import plan_sizes, pruned_config
 from graphprune.search import Candidate, SearchError, choose, enumerate_candidates, spearman
 from graphprune.spec import TargetsSpec, parse_spec
 
@@ -158,9 +158,8 @@ def test_the_8b_search_plans_on_meta_and_counts_like_transformers():
         assert candidate["config"]["mamba_num_heads"] % 8 == 0  # n_groups = 8
     analysis = analyze(spec.model.path, meta=True)
     candidate = min(plan["candidates"], key=lambda c: c["config"]["num_hidden_layers"])  # one that drops layers
-    kept = list(range(candidate["config"]["num_hidden_layers"]))  # the dry run drops the last layers
-    values = {k: v for k, v in candidate["config"].items() if k != "num_hidden_layers"}
-    config = analysis.family.pruned_config(analysis.model.config, values, kept)
+    dropped = list(range(candidate["config"]["num_hidden_layers"], len(analysis.layers)))  # the last ones
+    config = pruned_config(analysis, plan_sizes(analysis, TargetsSpec(**candidate["targets"])).sizes, dropped)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     assert sum(p.numel() for p in model.parameters()) == candidate["params"]
