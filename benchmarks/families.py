@@ -5,8 +5,10 @@ axis its config can express (half of each, in valid steps) plus one layer fewer,
 checkpoint and reloaded with AutoModelForCausalLM (unpatched). The "reload" figure is the larger of
 materialize's check (the model built from the pruned config against the original's traced graph cut
 the same way: the generic rewrite, which equals masking where masking is exact) and verify's (the
-reloaded checkpoint against that model). Then ONNX prefill + decode against the reloaded model. Writes benchmarks/results/families.json and prints
-the markdown table of the README.
+reloaded checkpoint against that model). Then ONNX prefill + decode against the reloaded model.
+A class that computes something from the hidden size (Gemma's embedding scale) is refused by that
+check, and the row is re-run without the hidden size. Writes benchmarks/results/families.json and
+prints the markdown table of the README.
 
     .venv/bin/python benchmarks/families.py [--only NAME ...]
 """
@@ -95,11 +97,20 @@ def widths(analysis) -> dict[str, int]:
     return targets
 
 
+def _apply(folder: Path, targets: dict[str, int], out: Path) -> dict[str, object]:
+    from graphprune.apply import apply
+    from graphprune.spec import parse_spec
+
+    return apply(parse_spec({"model": {"path": str(folder)}, "importance": MAGNITUDE, "targets": targets,
+                             "output": str(out), "reconstruct": None}), force=True)
+
+
 def run_one(name: str, make_config, root: Path) -> dict[str, object]:
     from transformers import AutoModelForCausalLM
 
     from graphprune import analyze
     from graphprune.apply import apply
+    from graphprune.errors import UserError
     from graphprune.spec import parse_spec
 
     row: dict[str, object] = {"family": name, "analysed": False, "apply": False, "reload_max_dlogit": None,
@@ -119,9 +130,15 @@ def run_one(name: str, make_config, root: Path) -> dict[str, object]:
         row["targets"] = targets
         if not targets:
             raise RuntimeError("no width axis can be written")
-        spec = parse_spec({"model": {"path": str(folder)}, "importance": MAGNITUDE, "targets": targets,
-                           "output": str(root / "widths"), "reconstruct": None})
-        report = apply(spec, force=True)
+        try:
+            report = _apply(folder, targets, root / "widths")
+        except UserError as err:  # a class that computes from the hidden size (Gemma's embedding scale)
+            if "computes differently" not in str(err) or "hidden_size" not in targets:
+                raise
+            row["refused"] = f"hidden_size: {str(err).split(':')[1].strip()[:120]}"
+            targets = {k: v for k, v in targets.items() if k != "hidden_size"}
+            row["targets"] = targets
+            report = _apply(folder, targets, root / "widths")
         reloaded = AutoModelForCausalLM.from_pretrained(root / "widths").eval()
         row["apply"] = True
         materialize = next(p for p in report["passes"] if p["name"] == "materialize")
@@ -169,7 +186,10 @@ def main() -> None:
             row = run_one(name, make_config, Path(tmp))
         print(json.dumps(row), flush=True)
         rows.append(row)
-    out = ROOT / "benchmarks" / "results" / ("families.json" if not args.only else "families_partial.json")
+    out = ROOT / "benchmarks" / "results" / "families.json"
+    if args.only and out.is_file():  # a partial run replaces its rows in the record
+        fresh = {r["family"]: r for r in rows}
+        rows = [fresh.pop(r["family"], r) for r in json.loads(out.read_text())] + list(fresh.values())
     out.write_text(json.dumps(rows, indent=2) + "\n")
     yes = lambda v: "yes" if v else "no"  # noqa: E731
     print("| family | analysed | widths pruned | apply -> checkpoint | reload max abs dlogit | depth | ONNX (max abs dlogit) "
@@ -181,6 +201,8 @@ def main() -> None:
         print(f"| {r['family']} | {yes(r['analysed'])} | {axes} | {yes(r['apply'])} | {dlogit} | {yes(r['depth'])} | "
               f"{'yes (%.1e)' % r['onnx_max_dlogit'] if r['onnx'] else 'no'} | {r['seconds']} s |")
     for r in rows:
+        if "refused" in r:
+            print(f"- {r['family']}: refused {r['refused']}")
         if "error" in r:
             print(f"- {r['family']}: {r['error']} (in {r['where']})")
 

@@ -1,4 +1,5 @@
-"""Deployment back ends (importable as `graphprune.export`): Hugging Face, ONNX, TensorRT-LLM.
+"""Deployment back ends (importable as `graphprune.export`): Hugging Face, ONNX, TensorRT-LLM, and any
+format a plugin registers with `@register_format` (one module each: hf.py, onnx.py, trtllm.py).
 
 `export_model` writes an in-memory model into a folder (the `export` pass of apply uses it);
 `export_path` is `graphprune export`: load a model folder, write the format atomically.
@@ -12,8 +13,13 @@ from typing import Any
 from torch import nn
 
 from graphprune.errors import UserError
+from graphprune.registry import Registry
 
-FORMATS = ("hf", "onnx", "trtllm")
+FORMATS = Registry("export format", "graphprune.formats",
+                   ("graphprune.export.hf", "graphprune.export.onnx", "graphprune.export.trtllm"))
+register_format = FORMATS.register
+"""`@register_format("name", options=OptionsModel)` on `fn(model, folder, tokenizer_from, options) -> summary`:
+write `model` into `folder` (created); raise ValueError when the model cannot be carried."""
 
 
 class ExportError(UserError, ValueError):
@@ -23,31 +29,16 @@ class ExportError(UserError, ValueError):
 def export_model(model: nn.Module, fmt: str, folder: Path, tokenizer_from: str | Path | None = None,
                  **options: Any) -> dict[str, Any]:
     """Write `model` in format `fmt` into `folder`; returns a summary (format, files, checks)."""
-    from .hf import copy_tokenizer, write_hf_checkpoint
-
-    if fmt not in FORMATS:
-        raise ExportError(f"--format: unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    backend = FORMATS.get(fmt, "--format")
+    checked = backend.checked_options(options, f"export.options.{fmt}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    if fmt == "hf":
-        write_hf_checkpoint(model, folder, tokenizer_from)
-        summary: dict[str, Any] = {}
-    elif fmt == "onnx":
-        from .onnx import export_onnx
-
-        try:
-            summary = {"states": len(export_onnx(model, folder)["states"])}
-        except ValueError as err:  # an unsupported family or layer kind
-            raise ExportError(f"onnx: {err}") from None
-        if tokenizer_from is not None:
-            copy_tokenizer(Path(tokenizer_from), folder)
-    else:
-        from .trtllm import TrtllmLayoutError, export_trtllm
-
-        try:
-            summary = export_trtllm(model, folder, tokenizer_from, **options)
-        except TrtllmLayoutError as err:
-            raise ExportError(f"trtllm: {err}") from None
+    try:
+        summary = backend.fn(model, folder, tokenizer_from, checked) or {}
+    except ExportError:
+        raise
+    except ValueError as err:  # a family, layer kind or config rule the format cannot carry
+        raise ExportError(f"{fmt}: {err}") from None
     return {"format": fmt, "folder": str(folder), "files": sorted(p.name for p in folder.iterdir()), **summary}
 
 
@@ -57,8 +48,8 @@ def export_path(model_path: str, fmt: str, out: Path, *, force: bool = False, **
 
     from graphprune.outputs import AtomicOutput
 
-    if fmt not in FORMATS:
-        raise ExportError(f"--format: unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    backend = FORMATS.get(fmt, "--format")
+    backend.checked_options(options, f"export.options.{fmt}")  # before the model loads
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto").eval()  # onnx converts to float32 itself
     model_folder = {"the model folder": Path(model_path)} if Path(model_path).is_dir() else {}
     with AtomicOutput(Path(out), force, inputs=model_folder) as workdir:
@@ -67,4 +58,4 @@ def export_path(model_path: str, fmt: str, out: Path, *, force: bool = False, **
     return {**summary, "folder": str(out)}
 
 
-__all__ = ["FORMATS", "ExportError", "export_model", "export_path"]
+__all__ = ["FORMATS", "ExportError", "export_model", "export_path", "register_format"]

@@ -16,6 +16,8 @@ from typing import Any
 
 from torch import nn
 
+from . import register_format
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 
@@ -26,6 +28,13 @@ def config_extras(model: nn.Module) -> dict[str, Any]:
 
     family = written_family(model)
     return family.export_extras(model.config) if family is not None else {}
+
+
+@register_format("hf")
+def write_hf(model: nn.Module, folder: Path, tokenizer_from: str | Path | None, options: Any) -> dict[str, Any]:
+    """A Hugging Face checkpoint (safetensors, config with the family's runtime keys, tokenizer)."""
+    write_hf_checkpoint(model, folder, tokenizer_from)
+    return {}
 
 
 def write_hf_checkpoint(model: nn.Module, folder: Path, tokenizer_from: str | Path | None = None) -> None:

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from . import register_format
+from .hf import copy_tokenizer
 from .stateful import StatefulDecode, StatefulPrefill, example_length, state_specs
 
 MANIFEST = "graphprune_onnx.json"
@@ -37,6 +39,15 @@ def _dims():
 def _state_shapes(model: torch.nn.Module, batch_dim, past_dim) -> tuple[dict[int, Any], ...]:
     symbols = {"batch": batch_dim, "past": past_dim}
     return tuple({axis: symbols[d] for axis, d in enumerate(s.shape) if isinstance(d, str)} for s in state_specs(model))
+
+
+@register_format("onnx")
+def write_onnx(model: torch.nn.Module, folder: Path, tokenizer_from: str | Path | None, options: Any) -> dict[str, Any]:
+    """Prefill and decode graphs with explicit state (float32), their manifest and the tokenizer."""
+    summary = {"states": len(export_onnx(model, folder)["states"])}
+    if tokenizer_from is not None:
+        copy_tokenizer(Path(tokenizer_from), folder)
+    return summary
 
 
 def export_onnx(model: torch.nn.Module, out: Path) -> dict[str, Any]:

@@ -19,10 +19,12 @@ import random
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from graphprune.families.nemotron_h import KIND_OF_BLOCK, NEMOTRON_H, PATTERN_CHARACTERS as PATTERN_KINDS
 
+from . import register_format
 from .hf import config_extras, write_hf_checkpoint
 
 OPTIONS_FILE = "extra_llm_api_options.yaml"
@@ -38,6 +40,26 @@ kv_cache_config:
 
 class TrtllmLayoutError(ValueError):
     """The checkpoint would not load in TensorRT-LLM; the message lists every broken rule."""
+
+
+class TrtllmOptions(BaseModel):
+    """The benchmark dataset written beside the checkpoint (`trtllm-bench`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    input_len: int = Field(128, ge=1)
+    """Prompt tokens per request."""
+    output_len: int = Field(128, ge=1)
+    """Generated tokens per request."""
+    num_requests: int = Field(256, ge=1)
+    """Requests in the dataset."""
+    seed: int = 0
+
+
+@register_format("trtllm", options=TrtllmOptions)
+def write_trtllm(model: nn.Module, folder: Path, tokenizer_from: str | Path | None,
+                 options: TrtllmOptions) -> dict[str, Any]:
+    """The checkpoint TensorRT-LLM's PyTorch backend loads, its LLM-API options and a benchmark dataset."""
+    return export_trtllm(model, folder, tokenizer_from, **options.model_dump())
 
 
 def export_trtllm(model: nn.Module, folder: Path, tokenizer_from: str | Path | None = None, *, input_len: int = 128,

@@ -33,8 +33,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import UserError
+from .registry import Registry
 
-ENGINES = ("torch", "onnxruntime", "trtllm")
+ENGINES = Registry("bench engine", "graphprune.engines", ("graphprune.bench",))
+register_engine = ENGINES.register
+"""`@register_engine("name", options=OptionsModel, prepare=..., settings=...)` on
+`fn(model_path, settings, options) -> _Timed`, run in the worker process (plugins named in
+`BenchSettings.plugins` are imported there first). Hooks, run by the parent: `prepare(model_path, scratch)
+-> path` (e.g. export the model first), `settings(models, settings) -> settings`; `reads_export="onnx"`
+says which `export` format folder the engine can read as is (apply's bench pass then uses it)."""
 
 
 class BenchError(UserError, RuntimeError):
@@ -53,12 +60,17 @@ class BenchSettings:
     threads: int | None = None
     seed: int = 0
     runner: str = "auto"  # torch engine: "transformers" (its forward and cache) or "stateful" (export/stateful.py)
+    options: dict[str, Any] = field(default_factory=dict)  # the engine's own options
+    plugins: tuple[str, ...] = ()  # modules the worker imports first (where a plugin engine registers)
+    plugin_paths: tuple[str, ...] = ()  # the folders this process imported them from
 
     @classmethod
-    def from_spec(cls, spec: Any, engine: str, device: str) -> BenchSettings:
-        """From a spec's `bench` section (or `search.bench`), for one of its engines."""
+    def from_spec(cls, spec: Any, engine: str, device: str, plugins: list[str] | tuple[str, ...] = ()) -> BenchSettings:
+        """From a spec's `bench` section (or `search.bench`), for one of its engines; `plugins` (the spec's,
+        already imported here) are imported by the worker too."""
         return cls(engine=engine, batch=spec.batch, input_len=spec.input_len, output_len=spec.output_len,
-                   repeats=spec.repeats, threads=spec.threads, device=device)
+                   repeats=spec.repeats, threads=spec.threads, device=device, options=spec.options.get(engine, {}),
+                   plugins=tuple(plugins), plugin_paths=tuple(dict.fromkeys(_import_root(m) for m in plugins)))
 
 
 @dataclass
@@ -86,21 +98,20 @@ def bench(models: list[str], settings: BenchSettings, progress: Callable[[str], 
     """Benchmark every model in its own process; returns {"settings", "results"} with ratios to the first.
 
     `labels` name the models in the results (default: their paths)."""
-    if settings.engine not in ENGINES:
-        raise BenchError(f"--engine: unknown engine {settings.engine!r}; choose from {', '.join(ENGINES)}")
+    engine = ENGINES.get(settings.engine, "--engine")
+    engine.checked_options(settings.options, f"bench.options.{settings.engine}")
     if min(settings.batch, settings.input_len, settings.output_len, settings.repeats) < 1:
         raise BenchError("--batch, --input-len, --output-len and --repeats must all be at least 1")
     for model in models:
         if not Path(model).is_dir() and not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", model):  # neither folder nor hub id
             raise BenchError(f"{model}: no such model folder")
-    if settings.engine == "torch" and settings.runner == "auto":  # one runner for all, so ratios compare models
-        runner = "stateful" if any(_cache_fails(_config(m)) for m in models) else "transformers"
-        settings = replace(settings, runner=runner)
+    if "settings" in engine.hooks:
+        settings = engine.hooks["settings"](models, settings)
     names = labels or list(models)  # before an ONNX export replaces the paths
     _remove_dead_scratch()
     with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-") as scratch:
-        if settings.engine == "onnxruntime":  # export here, so that the worker's memory is the runtime's own
-            models = [_onnx_folder(model, Path(scratch) / str(index)) for index, model in enumerate(models)]
+        if "prepare" in engine.hooks:  # e.g. export here, so that the worker's memory is the runtime's own
+            models = [engine.hooks["prepare"](model, Path(scratch) / str(i)) for i, model in enumerate(models)]
         workers = [_Worker(model, settings) for model in models]  # all load and warm up at once, untimed
         try:
             for worker_, label in zip(workers, names):
@@ -253,7 +264,26 @@ def _prompt(settings: BenchSettings, vocab: int):
     return torch.randint(0, vocab, (settings.batch, settings.input_len), generator=generator)
 
 
-def _torch_engine(path: str, settings: BenchSettings):
+def _import_root(module: str) -> str:
+    """The sys.path folder `module` (imported in this process) was found in."""
+    file = getattr(sys.modules.get(module), "__file__", None)
+    if file is None:
+        return ""
+    depth = module.count(".") + (1 if Path(file).name == "__init__.py" else 0)
+    return str(Path(file).resolve().parents[depth])
+
+
+def _one_runner(models: list[str], settings: BenchSettings) -> BenchSettings:
+    """One torch runner for every model, so that ratios compare models: stateful when any model's family
+    says transformers' cache cannot serve it."""
+    if settings.runner != "auto":
+        return settings
+    return replace(settings, runner="stateful" if any(_cache_fails(_config(m)) for m in models) else "transformers")
+
+
+@register_engine("torch", settings=_one_runner)
+def _torch_engine(path: str, settings: BenchSettings, options: Any = None):
+    """transformers' own forward and cache (mamba-ssm kernels on CUDA when they import)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -357,7 +387,9 @@ def _onnx_folder(path: str, scratch: Path) -> str:
     return str(scratch)
 
 
-def _onnx_engine(path: str, settings: BenchSettings):
+@register_engine("onnxruntime", prepare=lambda path, scratch: _onnx_folder(path, scratch), reads_export="onnx")
+def _onnx_engine(path: str, settings: BenchSettings, options: Any = None):
+    """The prefill/decode graphs of `graphprune export --format onnx` in onnxruntime."""
     from .export.onnx import OnnxGenerator
 
     generator = OnnxGenerator(Path(path), threads=settings.threads)
@@ -376,7 +408,9 @@ def _onnx_engine(path: str, settings: BenchSettings):
     return _Timed(prefill, decode)
 
 
-def _trtllm_engine(path: str, settings: BenchSettings):
+@register_engine("trtllm")
+def _trtllm_engine(path: str, settings: BenchSettings, options: Any = None):
+    """TensorRT-LLM's LLM API (GPU)."""
     try:
         from tensorrt_llm import LLM, SamplingParams
         from tensorrt_llm.llmapi import KvCacheConfig
@@ -437,8 +471,8 @@ def _reset_peak() -> int:
 def serve(path: str, settings: BenchSettings, commands, reply: Callable[[dict], None]) -> None:
     """The worker: load and warm up, say ready, time one run per `run` command, report on `done`."""
     baseline = _reset_peak()  # after the interpreter and libraries are loaded: the model's own memory counts
-    engine = {"torch": _torch_engine, "onnxruntime": _onnx_engine, "trtllm": _trtllm_engine}[settings.engine]
-    timed = engine(path, settings)
+    engine = ENGINES.get(settings.engine, "--engine")
+    timed = engine.fn(path, settings, engine.checked_options(settings.options, f"bench.options.{settings.engine}"))
     for _ in range(settings.warmup):
         timed.once()
     reply({"ready": True})
@@ -492,14 +526,26 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
-if __name__ == "__main__":  # the worker: python -m graphprune.bench MODEL SETTINGS_JSON (commands on stdin)
+def worker_main(argv: list[str]) -> None:
+    """The worker process: python -m graphprune.bench MODEL SETTINGS_JSON (commands on stdin)."""
     import logging
     import warnings
 
     warnings.simplefilter("ignore")
     logging.disable(logging.WARNING)
+
     def reply(message: dict) -> None:
         sys.stdout.write(json.dumps(message) + "\n")
         sys.stdout.flush()
 
-    serve(sys.argv[1], BenchSettings(**json.loads(sys.argv[2])), sys.stdin, reply)
+    settings = BenchSettings(**json.loads(argv[2]))
+    sys.path[:0] = [path for path in settings.plugin_paths if path]
+    for plugin in settings.plugins:  # a plugin engine registers when its module imports
+        __import__(plugin)
+    serve(argv[1], settings, sys.stdin, reply)
+
+
+if __name__ == "__main__":  # run the imported module's worker, so that plugins register where it looks
+    from graphprune.bench import worker_main as _worker_main
+
+    _worker_main(sys.argv)

@@ -6,7 +6,7 @@ import json
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -165,19 +165,22 @@ def lm_eval_tasks(
 @app.command()
 def export(
     model: Annotated[str, typer.Argument(help="A Hugging Face model folder (or hub id).")],
-    fmt: Annotated[str, typer.Option("--format", help="hf | onnx | trtllm")],
+    fmt: Annotated[str, typer.Option("--format", help="A registered format: hf | onnx | trtllm, or a plugin's.")],
     out: Annotated[str, typer.Option("--out", help="Output folder (written atomically).")],
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
-    input_len: Annotated[int, typer.Option(help="trtllm: prompt tokens per benchmark request.")] = 128,
-    output_len: Annotated[int, typer.Option(help="trtllm: generated tokens per benchmark request.")] = 128,
-    num_requests: Annotated[int, typer.Option(help="trtllm: requests in the benchmark dataset.")] = 256,
+    input_len: Annotated[int | None, typer.Option(help="trtllm: prompt tokens per benchmark request (128).")] = None,
+    output_len: Annotated[int | None, typer.Option(help="trtllm: generated tokens per benchmark request (128).")] = None,
+    num_requests: Annotated[int | None, typer.Option(help="trtllm: requests in the benchmark dataset (256).")] = None,
+    option: Annotated[list[str] | None, typer.Option("--option", help="KEY=VALUE: an option of the format "
+                                                     "(VALUE read as JSON when it parses); repeatable.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """Write MODEL for deployment: a Hugging Face checkpoint, ONNX prefill/decode graphs, or TensorRT-LLM."""
     from .export import export_path
 
-    options = {"input_len": input_len, "output_len": output_len, "num_requests": num_requests} if fmt == "trtllm" else {}
+    given = {"input_len": input_len, "output_len": output_len, "num_requests": num_requests}
     try:
+        options = {k: v for k, v in given.items() if v is not None} | _key_values(option or [], "--option")
         with stderr.status(f"exporting {fmt}..."):
             summary = export_path(model, fmt, Path(out), force=force, **options)
     except (*USER_ERRORS, OSError) as err:
@@ -188,10 +191,25 @@ def export(
     Console().print(f"{fmt}: wrote {summary['folder']} ({', '.join(summary['files'])})")
 
 
+def _key_values(items: list[str], where: str) -> dict[str, Any]:
+    """KEY=VALUE pairs; a VALUE that parses as JSON is read as JSON (numbers, booleans, lists)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"{where}: {item!r} is not KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 @app.command()
 def bench(
     models: Annotated[list[str], typer.Argument(help="Model folders; ratios are taken against the first.")],
-    engine: Annotated[str, typer.Option(help="torch | onnxruntime | trtllm")] = "torch",
+    engine: Annotated[str, typer.Option(help="A registered engine: torch | onnxruntime | trtllm, or a "
+                                              "plugin's.")] = "torch",
     batch: Annotated[int, typer.Option(help="Sequences per batch.")] = 1,
     input_len: Annotated[int, typer.Option(help="Prompt tokens per sequence.")] = 128,
     output_len: Annotated[int, typer.Option(help="Generated tokens per sequence (1 prefill + decode steps).")] = 32,

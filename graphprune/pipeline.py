@@ -149,6 +149,11 @@ def load_passes(plugins: list[str], spec_dir: Path | None = None) -> None:
                 sys.path.remove(str(spec_dir))
     for entry in entry_points(group="graphprune.passes"):
         entry.load()
+    from graphprune.bench import ENGINES
+    from graphprune.export import FORMATS
+
+    FORMATS.load()  # built-in and installed formats and engines; the plugins above registered theirs
+    ENGINES.load()
 
 
 Pipeline = list[tuple[str, dict[str, Any]]]
@@ -172,7 +177,28 @@ def check_pipeline(spec: Spec, pipeline: Pipeline) -> Pipeline:
         if absent:
             raise PipelineError(f"pass {name!r} needs the spec's {', '.join(map(repr, absent))} section")
         checked.append((name, _checked_arguments(registered, args, f"passes[{index}].args")))
+    check_backends(spec)
     return checked
+
+
+def check_backends(spec: Spec) -> None:
+    """The export formats and bench engines a spec names are registered, and take the options it gives."""
+    from graphprune.bench import ENGINES
+    from graphprune.export import FORMATS
+
+    sections = [("export", "formats", FORMATS, spec.export), ("bench", "engines", ENGINES, spec.bench),
+                ("search.bench", "engines", ENGINES, spec.search.bench if spec.search else None)]
+    for where, field_name, registry, section in sections:
+        if section is None:
+            continue
+        names = getattr(section, field_name)
+        for index, name in enumerate(names):
+            registry.get(name, f"{where}.{field_name}[{index}]").checked_options(
+                section.options.get(name), f"{where}.options.{name}")
+        for name in section.options:
+            if name not in names:
+                raise PipelineError(f"{where}.options.{name}: {name!r} is not in {where}.{field_name} "
+                                    f"({', '.join(names)})")
 
 
 def _checked_arguments(registered: RegisteredPass, args: dict[str, Any], where: str) -> dict[str, Any]:

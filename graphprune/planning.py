@@ -91,13 +91,16 @@ def _check_size(where: str, group: Group, value: int) -> int:
 def count_params(analysis: Analysis, sizes: dict[str, int], dropped_layers: list[int] | tuple = ()) -> int:
     """Parameters of the pruned model, from the slice layouts alone (works on meta)."""
     dropped = tuple(f"{analysis.layers[i].module}." for i in dropped_layers)
-    return sum(math.prod(pruned_shape(analysis, name, param.shape, sizes))
+    group_sizes = {g.name: g.size for g in analysis.groups}
+    return sum(math.prod(pruned_shape(analysis, name, param.shape, sizes, group_sizes))
                for name, param in analysis.model.named_parameters() if not name.startswith(dropped))
 
 
-def pruned_shape(analysis: Analysis, name: str, shape: tuple[int, ...], sizes: dict[str, int]) -> tuple[int, ...]:
-    """The shape of parameter or buffer `name` (of `shape`) once every group keeps `sizes` units."""
-    group_sizes = {g.name: g.size for g in analysis.groups}
+def pruned_shape(analysis: Analysis, name: str, shape: tuple[int, ...], sizes: dict[str, int],
+                 group_sizes: dict[str, int] | None = None) -> tuple[int, ...]:
+    """The shape of parameter or buffer `name` (of `shape`) once every group keeps `sizes` units
+    (`group_sizes`: the groups' original sizes, when the caller has them at hand)."""
+    group_sizes = group_sizes if group_sizes is not None else {g.name: g.size for g in analysis.groups}
     dims = analysis.structure.param_slices.get(analysis.slice_name(name), {})
     return tuple(sum(kept_size(s.layout, sizes, group_sizes) for s in dims[d]) if d in dims else size
                  for d, size in enumerate(shape))

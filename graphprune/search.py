@@ -426,7 +426,7 @@ def _bench(spec: Spec, out: Path, candidates: list[Candidate], console: Any) -> 
     if not candidates:
         return
     settings = spec.search.bench
-    bench_settings = BenchSettings.from_spec(settings, settings.engines[0], spec.model.device)
+    bench_settings = BenchSettings.from_spec(settings, settings.engines[0], spec.model.device, spec.plugins)
     clock = time.perf_counter()
     with console.status("benchmarking the top candidates...") as status:
         report = bench([spec.model.path] + [str(out / "candidates" / c.key) for c in candidates], bench_settings,

@@ -220,20 +220,47 @@ class ReconstructSpec(_Strict):
     forward pass over the samples per chunk (Nemotron-H 8B's 24 down_proj alone would need 89 GB at once)."""
 
 
+def _registered(registry: str) -> Any:
+    """JSON Schema extra: the built-in names of `graphprune.export.FORMATS` or `graphprune.bench.ENGINES`
+    (spec validation itself checks names, plugins' too, when the pipeline is checked)."""
+    def extra(schema: dict[str, Any]) -> None:
+        import importlib
+
+        module, name = registry.rsplit(".", 1)
+        schema["items"]["examples"] = getattr(importlib.import_module(module), name).names(built_in=True)
+    return extra
+
+
 class ExportSpec(_Strict):
-    formats: list[Literal["hf", "onnx", "trtllm"]] = Field(default_factory=lambda: ["onnx", "trtllm"], min_length=1)
-    """Back ends written into `<output>/export/<format>` after everything else (`graphprune export`)."""
-    input_len: int = Field(128, ge=1)
-    """trtllm: prompt tokens per request in the benchmark dataset."""
-    output_len: int = Field(128, ge=1)
-    """trtllm: generated tokens per request in the benchmark dataset."""
-    num_requests: int = Field(256, ge=1)
-    """trtllm: requests in the benchmark dataset."""
+    formats: list[str] = Field(default_factory=lambda: ["onnx", "trtllm"], min_length=1,
+                               json_schema_extra=_registered("graphprune.export.FORMATS"))
+    """Back ends written into `<output>/export/<format>` after everything else (`graphprune export`):
+    registered formats (built in: hf, onnx, trtllm; plugins add their own)."""
+    options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Per format, its options (trtllm: input_len, output_len, num_requests of the benchmark dataset)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _trtllm_keys_at_the_top(cls, data: Any) -> Any:
+        """Specs written before the registry put trtllm's options beside `formats`: still accepted."""
+        if isinstance(data, dict) and {"input_len", "output_len", "num_requests"} & set(data):
+            data = dict(data)
+            legacy = {k: data.pop(k) for k in ("input_len", "output_len", "num_requests") if k in data}
+            formats = data.get("formats", ["onnx", "trtllm"])
+            if isinstance(formats, list) and "trtllm" in formats:  # else unused, as they always were
+                options = dict(data.get("options") or {})
+                options["trtllm"] = {**legacy, **(options.get("trtllm") or {})}
+                data["options"] = options
+        return data
 
 
 class BenchSpec(_Strict):
-    engines: list[Literal["torch", "onnxruntime", "trtllm"]] = Field(default_factory=lambda: ["torch"], min_length=1)
-    """Engines that measure the original against the pruned model (`graphprune bench`)."""
+    engines: list[str] = Field(default_factory=lambda: ["torch"], min_length=1,
+                               json_schema_extra=_registered("graphprune.bench.ENGINES"))
+    """Engines that measure the original against the pruned model (`graphprune bench`): registered engines
+    (built in: torch, onnxruntime, trtllm; plugins add their own)."""
+    options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Per engine, its options (none for the built-ins)."""
     batch: int = Field(1, ge=1)
     input_len: int = Field(128, ge=1)
     output_len: int = Field(32, ge=1)

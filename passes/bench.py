@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from graphprune.bench import BenchSettings, bench as run_bench
+from graphprune.bench import ENGINES, BenchSettings, bench as run_bench
 from graphprune.pipeline import PassContext, PassResult, PipelineError, register_pass
 
 
@@ -13,11 +13,12 @@ def bench(ctx: PassContext) -> PassResult:
     if ctx.workdir is None or ctx.analysis.family is None:
         raise PipelineError("bench: needs a written Hugging Face family model (not a dry run, not model.pt2)")
     results = {}
-    exported_onnx = ctx.workdir / "export" / "onnx"
     for engine in spec.engines:
-        # the onnxruntime engine exports a model folder first, unless the export pass already did
-        pruned = exported_onnx if engine == "onnxruntime" and exported_onnx.is_dir() else ctx.workdir
-        settings = BenchSettings.from_spec(spec, engine, ctx.spec.model.device)
+        # an engine that reads an export format uses the export pass's folder when it wrote one
+        readable = ENGINES.get(engine, "bench.engines").hooks.get("reads_export")
+        exported = ctx.workdir / "export" / readable if readable else None
+        pruned = exported if exported is not None and exported.is_dir() else ctx.workdir
+        settings = BenchSettings.from_spec(spec, engine, ctx.spec.model.device, ctx.spec.plugins)
         with ctx.console.status(f"benchmarking ({engine})...") as status:
             results[engine] = run_bench([ctx.spec.model.path, str(pruned)], settings,
                                         progress=lambda what: status.update(f"benchmarking {what}..."),

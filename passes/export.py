@@ -17,10 +17,8 @@ def export(ctx: PassContext) -> PassResult:
     written = {}
     for fmt in spec.formats:
         with ctx.console.status(f"exporting {fmt}..."):
-            options = ({"input_len": spec.input_len, "output_len": spec.output_len, "num_requests": spec.num_requests}
-                       if fmt == "trtllm" else {})
             export_model(ctx.pruned_model, fmt, ctx.workdir / "export" / fmt, tokenizer_from=ctx.workdir,
-                                   **options)
+                         **spec.options.get(fmt, {}))
         written[fmt] = f"export/{fmt}"
     ctx.report["export"] = written
     return PassResult(changed=False, summary={"formats": written})

@@ -101,6 +101,10 @@ STATEFUL_MODELS = {
     "llama": lambda: tiny_llama(),
     "mistral-window": lambda: tiny_mistral(window=7),
 }
+# ONNX export is the slow part (20-50 s a model on 2 cores). The Mamba2 mixer's graphs are the ones the
+# Nemotron-H tests above export; Mistral's adds RoPE, a sliding window and the MLP branch. The runtime
+# benchmark (benchmarks/families.py) exports every family with a layout.
+ONNX_CASES = ("mistral-window",)
 
 
 @pytest.mark.parametrize("name", list(STATEFUL_MODELS))
@@ -119,6 +123,8 @@ def test_stateful_and_onnx_serve_every_family_with_a_layout(name, tmp_path):
     assert len(state) == len(specs) and all(s.dtype == torch.float32 for s in state)
     for spec, tensor in zip(specs, state):  # the manifest's shapes, with batch 3 and 40 tokens seen
         assert tensor.shape == tuple({"batch": 3, "past": 40}.get(d, d) for d in spec.shape), spec.name
+    if name not in ONNX_CASES:
+        return
     generator = OnnxGenerator(export_model(model, "onnx", tmp_path / name)["folder"])
     assert [s["name"] for s in generator.manifest["states"]] == [s.name for s in specs]
     reference = reference.numpy()
@@ -260,7 +266,7 @@ def test_bench_onnxruntime_and_clear_errors(workspace, onnx_folder):
     done = bench_cli(str(workspace["nemotron"]), "--engine", "trtllm", "--plot", "")
     assert done.returncode == 2 and "tensorrt_llm" in done.stderr
     done = bench_cli(str(workspace["nemotron"]), "--engine", "tensorflow", "--plot", "")
-    assert done.returncode == 2 and "choose from torch, onnxruntime, trtllm" in done.stderr
+    assert done.returncode == 2 and "registered: onnxruntime, torch, trtllm" in done.stderr
     done = bench_cli(str(workspace["root"] / "missing"), "--plot", "")
     assert done.returncode == 2 and "missing: no such model folder" in done.stderr
 
