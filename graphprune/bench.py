@@ -387,7 +387,7 @@ def _onnx_folder(path: str, scratch: Path) -> str:
     return str(scratch)
 
 
-@register_engine("onnxruntime", prepare=lambda path, scratch: _onnx_folder(path, scratch), reads_export="onnx")
+@register_engine("onnxruntime", prepare=_onnx_folder, reads_export="onnx")
 def _onnx_engine(path: str, settings: BenchSettings, options: Any = None):
     """The prefill/decode graphs of `graphprune export --format onnx` in onnxruntime."""
     from .export.onnx import OnnxGenerator

@@ -8,6 +8,7 @@ parts never change, and a family whose checkpoint has one size per layer kind ge
 from __future__ import annotations
 
 import math
+from typing import Any
 from dataclasses import dataclass, field
 
 import torch

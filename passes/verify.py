@@ -7,10 +7,7 @@ import torch
 from graphprune.pipeline import PassContext, PassResult, PipelineError, register_pass
 from graphprune.trace import example_inputs
 
-from .materialize import GRAPH_FILE
-
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
-
+from .materialize import GRAPH_FILE, TOLERANCE
 
 @register_pass("verify", requires=("pruned_model",))
 def verify(ctx: PassContext, tolerance: float | None = None) -> PassResult:

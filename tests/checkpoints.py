@@ -49,6 +49,18 @@ def write_checkpoint(config, folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def logits(model, tokens):
+    with torch.no_grad():
+        return model(input_ids=tokens, use_cache=False).logits
+
+
+def original(workspace, model):
+    """The checkpoint `workspace[model]` reloaded with transformers' own class."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(workspace[model]).eval()
+
+
 def write_text(path: Path, chars: int = 120_000) -> Path:
     with gzip.open(DEMO / "corpus" / "valid.txt.gz", "rt", encoding="utf-8") as f:
         path.write_text(f.read(chars))

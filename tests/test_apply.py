@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from checkpoints import llama_config, mamba2_config, nemotron_h_config, write_checkpoint, write_text
+from checkpoints import llama_config, logits, mamba2_config, nemotron_h_config, original, write_checkpoint, write_text
 from graphprune import analyze
 from graphprune.apply import apply
 from graphprune.importance import magnitude_scores
@@ -36,15 +36,6 @@ def run(workspace, model, targets, name, **extra):
 
 def ids(n=2, length=48):
     return torch.randint(0, 4096, (n, length), generator=torch.Generator().manual_seed(3))
-
-
-def logits(model, tokens):
-    with torch.no_grad():
-        return model(input_ids=tokens, use_cache=False).logits
-
-
-def original(workspace, model):
-    return AutoModelForCausalLM.from_pretrained(workspace[model]).eval()
 
 
 @pytest.mark.parametrize("model", ["nemotron", "mamba2", "llama"])

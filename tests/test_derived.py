@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from checkpoints import llama_config, mamba2_config, nemotron_h_config, write_checkpoint
+from checkpoints import llama_config, logits, mamba2_config, nemotron_h_config, original, write_checkpoint
 from graphprune import analyze
 from graphprune.apply import apply
 from graphprune.errors import UserError
@@ -71,15 +71,6 @@ def run(workspace, model, targets, name):
 
 def ids(n=2, length=32):
     return torch.randint(0, 4096, (n, length), generator=torch.Generator().manual_seed(3))
-
-
-def logits(model, tokens):
-    with torch.no_grad():
-        return model(input_ids=tokens, use_cache=False).logits
-
-
-def original(workspace, model):
-    return AutoModelForCausalLM.from_pretrained(workspace[model]).eval()
 
 
 @pytest.mark.parametrize("model", ["granite", "phi3"])

@@ -50,16 +50,22 @@ def full_logits(model, ids):
         return model(input_ids=ids, use_cache=False).logits
 
 
-def test_prefill_then_decode_reproduces_the_full_forward(nemotron):
-    ids = tokens(2, 45)  # crosses two Mamba chunks (16) with a remainder
-    reference = full_logits(nemotron, ids)
+def prefill_then_decode(model, ids, prompt: int, reference):
+    """The explicit-state driver: prefill `prompt` tokens, decode the rest one by one; each step's logits
+    equal the full forward's (`reference`) to 1e-5. Returns the final state."""
     with torch.no_grad():
-        logits, *state = StatefulPrefill(nemotron)(ids[:, :37])
-        assert torch.allclose(logits, reference[:, :37], atol=1e-5)
-        decode = StatefulDecode(nemotron)
-        for t in range(37, 45):
+        logits, *state = StatefulPrefill(model)(ids[:, :prompt])
+        assert torch.allclose(logits, reference[:, :prompt], atol=1e-5)
+        decode = StatefulDecode(model)
+        for t in range(prompt, ids.shape[1]):
             logits, *state = decode(ids[:, t:t + 1], *state)
             assert torch.allclose(logits[:, 0], reference[:, t], atol=1e-5), t
+    return state
+
+
+def test_prefill_then_decode_reproduces_the_full_forward(nemotron):
+    ids = tokens(2, 45)  # crosses two Mamba chunks (16) with a remainder
+    state = prefill_then_decode(nemotron, ids, 37, full_logits(nemotron, ids))
     assert [s.name for s in state_specs(nemotron)] == ["conv.0", "ssm.0", "conv.2", "ssm.2", "key.3", "value.3",
                                                       "conv.5", "ssm.5"]
     assert state[-1].dtype == torch.float32 and state[-1].shape == (2, 8, 6, 8)  # [B, H, P, N]
@@ -112,13 +118,7 @@ def test_stateful_and_onnx_serve_every_family_with_a_layout(name, tmp_path):
     model = STATEFUL_MODELS[name]()
     ids = torch.randint(0, 96, (3, 40), generator=torch.Generator().manual_seed(1))
     reference = full_logits(model, ids)
-    with torch.no_grad():  # the PyTorch driver first: prefill past a chunk (16) with a remainder, then decode
-        logits, *state = StatefulPrefill(model)(ids[:, :33])
-        assert torch.allclose(logits, reference[:, :33], atol=1e-5)
-        decode = StatefulDecode(model)
-        for t in range(33, 40):
-            logits, *state = decode(ids[:, t:t + 1], *state)
-            assert torch.allclose(logits[:, 0], reference[:, t], atol=1e-5), t
+    state = prefill_then_decode(model, ids, 33, reference)  # the PyTorch driver first: past a chunk (16), then decode
     specs = state_specs(model)
     assert len(state) == len(specs) and all(s.dtype == torch.float32 for s in state)
     for spec, tensor in zip(specs, state):  # the manifest's shapes, with batch 3 and 40 tokens seen
@@ -147,15 +147,9 @@ def test_stateful_llama_family_windows_and_biases():
              (tiny_mistral(window=4096), [4096, 4096])]  # Mistral's default window, longer than any test sequence
     for model, windows in cases:
         reference = full_logits(model, ids)
-        prefill = StatefulPrefill(model)
-        assert [sub.window for layer in prefill.layout.layers for sub in layer if sub.kind == "attention"] == windows
-        with torch.no_grad():
-            logits, *state = prefill(ids[:, :17])
-            assert torch.allclose(logits, reference[:, :17], atol=1e-5), model.config.model_type
-            decode = StatefulDecode(model)
-            for t in range(17, 24):
-                logits, *state = decode(ids[:, t:t + 1], *state)
-                assert torch.allclose(logits[:, 0], reference[:, t], atol=1e-5), (model.config.model_type, t)
+        layers = StatefulPrefill(model).layout.layers
+        assert [sub.window for layer in layers for sub in layer if sub.kind == "attention"] == windows
+        prefill_then_decode(model, ids, 17, reference)
     unwindowed = tiny_qwen2(window=5)
     unwindowed.model.layers[1].self_attn.sliding_window = None
     with torch.no_grad():

@@ -11,8 +11,6 @@ in `WRITTEN`.
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import nn
 
 from .bamba import BAMBA
