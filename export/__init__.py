@@ -47,9 +47,12 @@ def export_path(model_path: str, fmt: str, out: Path, *, force: bool = False, **
     from transformers import AutoModelForCausalLM
 
     from graphprune.outputs import AtomicOutput
+    from graphprune.trace import is_model_source
 
     backend = FORMATS.get(fmt, "--format")
     backend.checked_options(options, f"export.options.{fmt}")  # before the model loads
+    if not is_model_source(model_path):
+        raise ExportError(f"{model_path}: no such model folder")
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto").eval()  # onnx converts to float32 itself
     model_folder = {"the model folder": Path(model_path)} if Path(model_path).is_dir() else {}
     with AtomicOutput(Path(out), force, inputs=model_folder) as workdir:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import resource
 import shutil
 import statistics
@@ -34,6 +33,7 @@ from typing import Any, Callable
 
 from .errors import UserError
 from .registry import Registry
+from .trace import is_model_source
 
 ENGINES = Registry("bench engine", "graphprune.engines", ("graphprune.bench",))
 register_engine = ENGINES.register
@@ -103,7 +103,7 @@ def bench(models: list[str], settings: BenchSettings, progress: Callable[[str], 
     if min(settings.batch, settings.input_len, settings.output_len, settings.repeats) < 1:
         raise BenchError("--batch, --input-len, --output-len and --repeats must all be at least 1")
     for model in models:
-        if not Path(model).is_dir() and not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", model):  # neither folder nor hub id
+        if not is_model_source(model):
             raise BenchError(f"{model}: no such model folder")
     if "settings" in engine.hooks:
         settings = engine.hooks["settings"](models, settings)

@@ -7,6 +7,7 @@ import functools
 import json
 import os
 import pickle
+import re
 import socket
 import sys
 import traceback
@@ -187,6 +188,11 @@ def _from_config(config: Any, dtype: torch.dtype | None) -> nn.Module:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
     return model.eval()
+
+
+def is_model_source(name: str) -> bool:
+    """An existing folder, or a name shaped like a hub id (`name` or `org/name`): else no model can load."""
+    return Path(name).is_dir() or re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None
 
 
 def default_seq_len(model: nn.Module) -> int:

@@ -57,3 +57,11 @@ def test_unknown_back_ends_and_bad_options_fail_before_anything_runs(checkpoint,
 def test_trtllm_options_written_beside_formats_still_parse():
     spec = parse_spec({"model": {"path": "m"}, "export": {"formats": ["trtllm"], "num_requests": 8}})
     assert spec.export.options == {"trtllm": {"num_requests": 8}}
+
+
+def test_export_of_a_missing_folder_names_it_and_writes_nothing(tmp_path):
+    from graphprune.export import ExportError, export_path
+
+    with pytest.raises(ExportError, match="no such model folder"):
+        export_path(str(tmp_path / "missing"), "hf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
